@@ -1,0 +1,105 @@
+"""Shared by the benchmarks: a printed table and the JSON result file, with where it was measured.
+
+Every result file records where it was measured: device (CPU model or GPU name), library versions, date,
+git commit and the command line, so a number in bench/results/ can be traced and reproduced.
+"""
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def device_name(device: str = "cpu") -> str:
+    """The CPU model for "cpu", else the accelerator's name as torch reports it."""
+    if device != "cpu":
+        import torch
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: str = "cpu") -> dict:
+    """Where and how a benchmark ran."""
+    return {
+        "device": device_name(device),
+        "cpus": os.cpu_count(),
+        # Other work on the machine skews wall times; the 1-minute load average says how busy it was.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+    }
+
+
+def device_tag(device: str = "cpu") -> str:
+    """Short file-name tag: "cpu", or the accelerator's name as a slug ("nvidia-h100-80gb-hbm3")."""
+    return "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def print_table(rows: list[dict], title: str | None = None) -> None:
+    """Rows of {column: value} as an aligned text table; floats get 3 significant digits."""
+    if not rows:
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(column.ljust(width) for column, width in zip(columns, widths)))
+    print("  ".join("-" * width for width in widths))
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_result(name: str, results: dict, device: str = "cpu") -> Path:
+    """Write {"benchmark", "environment", **results} to bench/results/<name>-<device tag>.json."""
+    path = RESULTS_DIR / f"{name}-{device_tag(device)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "environment": environment(device), **results}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwrote {path.relative_to(ROOT)}")
+    return path

@@ -1,0 +1,89 @@
+"""Command lines generated from config dataclasses.
+
+Every script's flags are the fields of its `@dataclass` configs: the flag name is the field name with
+dashes, the default is the field's default, and the help text is the `# comment` written after the field in
+the source. So the flags, their defaults and `--help` can never drift from the code that uses them.
+"""
+import argparse
+import dataclasses
+import inspect
+import io
+import tokenize
+import typing
+
+
+def field_comments(cls) -> dict[str, str]:
+    """Map each field of a dataclass to the trailing `# comment` on its line in the source (may be empty)."""
+    comments: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return comments
+    names = {f.name for f in dataclasses.fields(cls)}
+    line_field: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.string in names and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            comments[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return comments
+
+
+def _flag_type(annotation):
+    """The argparse `type` for a field annotation such as `int`, `float | None` or `str`."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # dataclasses from `from __future__ import annotations`
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None = None,
+                       defaults_to_none: bool = False, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per field of `cls` to `parser`, in a group titled `title`.
+
+    With `defaults_to_none`, unset flags parse as None so the caller can tell "not given" from "given the
+    default" (used where other settings derive the value, e.g. the model's width from `--depth`).
+    """
+    group = parser.add_argument_group(title or cls.__name__)
+    comments = field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        kind = _flag_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = comments.get(field.name, "")
+        shown = "derived" if defaults_to_none else repr(default)
+        group.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=_parse_bool if kind is bool else kind,
+            default=None if defaults_to_none else default,
+            metavar=kind.__name__.upper() if kind is not bool else "BOOL",
+            help=f"{help_text} (default: {shown})" if help_text else f"(default: {shown})",
+        )
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
+    """Build `cls` from the parsed flags that belong to it (fields left None keep their defaults)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = overrides.get(field.name, getattr(args, field.name, None))
+        if value is not None:
+            values[field.name] = value
+    return cls(**values)
+
+
+def given_fields(cls, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of `cls` that were given on the command line (parsed with `defaults_to_none`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}

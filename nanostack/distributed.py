@@ -1,0 +1,216 @@
+"""Data-parallel training with PyTorch's own engines: DDP and FSDP2 (`fully_shard`) under torchrun.
+
+The model code knows nothing of parallelism; `parallelize()` wraps it, in torchtitan's order:
+activation checkpointing first (it rewraps each block's forward), then torch.compile, then FSDP/DDP.
+
+    torchrun --nproc_per_node=8 train.py --strategy fsdp           # one node
+    torchrun --nnodes=2 --node_rank=0 --rdzv-endpoint=HOST:29500 ...  # and the same with node_rank=1
+
+- DDP keeps a full replica per rank and all-reduces gradients (skipped with `no_sync` on all but the last
+  micro-batch of a step, so accumulation costs one all-reduce per step).
+- FSDP2 shards parameters, gradients and optimizer state over ranks (each holds ~1/N); each block's weights
+  are all-gathered just before use and freed after (`reshard_after_forward`), gradients reduce-scattered.
+  Its mixed-precision policy computes in bf16 on GPU while reductions and the master weights stay fp32.
+Checkpoints go through `torch.distributed.checkpoint.state_dict`, which speaks the same plain (fully
+qualified name -> tensor) language for a bare model, DDP and FSDP2: that is what lets a run saved with one
+world size resume with another.
+"""
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "none"          # none | ddp | fsdp (under torchrun; none = one process)
+    activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (keep matmul outputs)
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory, one more gather)
+    sharded_checkpoint: bool = False  # also save torch.distributed.checkpoint shards (models too big for one host)
+
+
+@dataclass
+class Rank:
+    """Where this process sits in the job."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: torch.device) -> Rank:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU), or a world of one without torchrun."""
+    if "RANK" not in os.environ:
+        return Rank(device=device)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Rank(rank, local_rank, world_size, device)
+
+
+def teardown() -> None:
+    """Leave the process group (only on success: after an error a peer may never answer, so just exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity in a world of one)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    """Selective checkpointing: keep the outputs of matmuls and attention (costly to redo), recompute the rest."""
+    saved = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default}
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """Recompute each block's activations in the backward instead of storing them (full or selective)."""
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation_checkpointing must be none, full or selective, got {mode!r}")
+    context_fn = (lambda: create_selective_checkpoint_contexts(_save_matmuls_policy)) if mode == "selective" else None
+    for block in model.layers:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():  # eval / generation: nothing to save, nothing to recompute
+                return _forward(*args, **kwargs)
+            extra = {"context_fn": context_fn} if context_fn else {}
+            return checkpoint(_forward, *args, use_reentrant=False, **extra, **kwargs)
+        block.forward = checkpointed
+
+
+def parallelize(model: torch.nn.Module, config: ParallelConfig, rank: Rank, *, compile: bool = False,
+                param_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Wrap `model` for training: activation checkpointing, then compile, then FSDP2 or DDP.
+
+    Returns the module to call in the training step. With FSDP2 the model is sharded in place, so the
+    returned module *is* `model`; with DDP it is a wrapper around it.
+    """
+    if config.strategy not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"strategy must be none, ddp or fsdp, got {config.strategy!r}")
+    if config.strategy != "none" and not dist.is_initialized():
+        raise ValueError(f"--strategy {config.strategy} needs torchrun, e.g. "
+                         f"`torchrun --nproc_per_node=2 train.py --strategy {config.strategy}`")
+    apply_activation_checkpointing(model, config.activation_checkpointing)
+    if compile:
+        for block in model.layers:
+            block.compile()
+    if config.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
+        return model
+    if config.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        device_ids = [rank.device.index] if rank.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter for micro-batches that are not the last of a step."""
+    if hasattr(model, "no_sync") and not sync:  # DDP
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU (gathered from all ranks under FSDP; a collective: call on every rank)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state on CPU, keyed by parameter name rather than position (a collective)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict | None) -> None:
+    """Load full (unsharded) states into a possibly sharded model and its optimizer, on every rank."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    if optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_sharded(directory, model, optimizer) -> None:
+    """Each rank writes its own shards with torch.distributed.checkpoint (no rank holds the whole model)."""
+    import torch.distributed.checkpoint as dcp
+    state = {"model": get_model_state_dict(model),
+             "optimizer": get_optimizer_state_dict(model, optimizer,
+                                                   options=StateDictOptions(flatten_optimizer_state_dict=True))}
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_sharded(directory, model, optimizer) -> None:
+    """Read torch.distributed.checkpoint shards back, resharding to the current world size if it changed."""
+    import torch.distributed.checkpoint as dcp
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer, options=flat)}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=flat)
+
+
+def consolidate(directory) -> None:
+    """Give a sharded checkpoint the portable single-file weights (model.safetensors), in one process."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from nanostack import checkpoint
+    from nanostack.model import GPT
+
+    directory = checkpoint.resolve_checkpoint(directory)
+    config, _ = checkpoint.read_config(directory)
+    if not (directory / "shards").exists():
+        raise ValueError(f"{directory} has no shards/ directory: it is not a sharded checkpoint")
+    state = {"model": GPT(config).state_dict()}
+    dcp.load(state, checkpoint_id=str(directory / "shards"))  # reads only the model's entries
+    save_file(checkpoint.unique_tensors(state["model"]), directory / "model.safetensors")
+    checkpoint.write_manifest(directory)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Distributed-training utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("consolidate", help="write model.safetensors for a sharded checkpoint (or run) directory") \
+        .add_argument("directory")
+    args = parser.parse_args()
+    consolidate(args.directory)
+    print(f"wrote {args.directory}/model.safetensors")

@@ -1,0 +1,453 @@
+"""A decoder-only transformer in the Llama / Mixtral mould, small enough to read in one sitting.
+
+The token stream goes: embedding -> n_layer x Block -> RMSNorm -> lm_head. Each Block is pre-norm:
+
+    x = x + attn(attn_norm(x))      causal self-attention, RoPE on q/k, grouped-query K/V heads
+    x = x + mlp(mlp_norm(x))        SwiGLU MLP, or a Mixture-of-Experts of SwiGLU MLPs
+
+Conventions follow Hugging Face Llama/Mixtral (no biases, RMSNorm computed in fp32, RoPE in the
+"rotate_half" layout where dimension i pairs with i + head_dim/2), so a checkpoint maps onto
+LlamaForCausalLM / MixtralForCausalLM by renaming parameters, with no permutation.
+
+`attention()` is the one place that picks the attention backend (Triton flash kernel on CUDA, torch SDPA
+elsewhere). RoPE is applied from cos/sin tables gathered by position, and `Attention.project_qkv` is
+separate from the attention itself, so a serving forward over flattened tokens and a paged KV cache can
+reuse the same weights and pieces.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanostack.sampling import SamplingParams, sample
+
+# Turn off to force the torch SDPA path on CUDA too (debugging, or comparing against the kernel).
+USE_FLASH_KERNEL = True
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the model. `mlp_hidden=0` is replaced by the derived width, so a saved config is explicit."""
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4          # grouped-query attention: must divide n_head
+    n_embd: int = 256           # head_dim = n_embd // n_head
+    mlp_hidden: int = 0         # 0 -> derived: ~8/3 * n_embd rounded up to a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    n_expert: int = 0           # 0 = dense SwiGLU MLP; >0 = Mixture-of-Experts MLP in every block
+    n_expert_active: int = 2    # top-k experts per token
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.001
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mlp_hidden", "n_expert", "moe_aux_loss_coef", "moe_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta} and {self.norm_eps}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.n_expert and not 1 <= self.n_expert_active <= self.n_expert:
+            raise ValueError(f"n_expert_active={self.n_expert_active} must be in 1..n_expert={self.n_expert}")
+        if self.mlp_hidden == 0:
+            # SwiGLU has three matrices instead of two, so 8/3 * n_embd keeps the 4 * n_embd MLP's parameter
+            # count; a multiple of 64 keeps matmul tiles full.
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, max_seq_len: int = 512, **overrides) -> "ModelConfig":
+        """One dial: depth layers, width 64 * depth, 64-wide heads; any field can still be overridden."""
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields are {sorted(known)}")
+        shape = dict(n_layer=depth, n_embd=64 * depth, n_head=depth, n_kv_head=depth)
+        return cls(**{**shape, "vocab_size": vocab_size, "max_seq_len": max_seq_len, **overrides})
+
+
+def default_learning_rate(config: ModelConfig) -> float:
+    """AdamW peak LR for this width: 6e-4 at n_embd=768, scaled as 1/n_embd, capped at 3e-3.
+
+    The 1/width rule fits the GPT-3 paper's table (Brown et al. 2020, Table 2.1) within ~1.5x from 125M to
+    6.7B parameters; the cap keeps tiny CPU models (n_embd < 154) out of the unstable region.
+    """
+    return min(6e-4 * 768 / config.n_embd, 3e-3)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, normalised in at least fp32 (bf16 squares lose too much) like HF Llama."""
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(compute_dtype)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learnable per-channel weight (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, dtype=torch.float32, device=None):
+    """cos/sin tables, each (max_seq_len, head_dim), for positions 0..max_seq_len-1 in rotate_half layout."""
+    # Built in float64 so the angles at large positions are exact before rounding to `dtype`.
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # (max_seq_len, head_dim): dim i and i + hd/2 share an angle
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + hd/2) of x (..., n_heads, hd) by the angles in cos/sin (..., hd) at its positions."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def attention(q, k, v, *, causal: bool = True, doc_ids=None) -> torch.Tensor:
+    """Softmax attention: q (B, T, n_head, hd), k/v (B, S, n_kv_head, hd) -> (B, T, n_head, hd).
+
+    T <= S; query i sits at key position S - T + i (a decode step sees the whole cache). doc_ids (B, S), one
+    id per key position, keeps attention inside contiguous runs of equal id; queries take the last T ids.
+    """
+    batch, q_len, n_head, head_dim = q.shape
+    k_len, n_kv_head = k.shape[1], k.shape[2]
+    if n_head % n_kv_head:
+        raise ValueError(f"query heads {n_head} must be a multiple of key/value heads {n_kv_head}")
+    if q_len > k_len:
+        raise ValueError(f"query length {q_len} must be <= key length {k_len}")
+    if doc_ids is not None and doc_ids.shape != (batch, k_len):
+        raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must be (batch, key length) = {(batch, k_len)}")
+    if USE_FLASH_KERNEL and q.is_cuda and doc_ids is None:
+        from kernels.flash_attention import flash_attention  # Triton: imported only where it can run
+        return flash_attention(q, k, v, causal=causal)
+
+    mask = None
+    if doc_ids is not None or (causal and q_len != k_len):
+        key_pos = torch.arange(k_len, device=q.device)
+        query_pos = key_pos[k_len - q_len:]
+        mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=q.device)  # (B or 1, 1, T, S)
+        if causal:
+            mask = mask & (key_pos[None, :] <= query_pos[:, None])
+        if doc_ids is not None:
+            mask = mask & (doc_ids[:, None, k_len - q_len:, None] == doc_ids[:, None, None, :])
+    # SDPA wants heads before length: (B, heads, len, hd). enable_gqa shares each K/V head across its group.
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=causal and mask is None, enable_gqa=n_kv_head != n_head)
+    return y.transpose(1, 2)
+
+
+class KVCache:
+    """Contiguous K/V for incremental decoding: k and v are (n_layer, B, max_len, n_kv_head, head_dim)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled; advanced once per model forward, after every layer wrote
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k/v (B, T, n_kv_head, hd) at the current length; return all K/V so far, (B, length+T, ...)."""
+        end = self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} would be needed")
+        self.k[layer_idx, :, self.length:end] = k
+        self.v[layer_idx, :, self.length:end] = v
+        return self.k[layer_idx, :, :end], self.v[layer_idx, :, :end]
+
+    def advance(self, n_tokens: int):
+        """Mark n_tokens more positions as filled (call once per forward)."""
+        self.length += n_tokens
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: n_head query heads share n_kv_head K/V heads; RoPE on q and k."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+
+    def project_qkv(self, x, cos, sin):
+        """x (..., n_embd) -> q (..., n_head, hd), k and v (..., n_kv_head, hd), RoPE applied to q and k."""
+        q = self.wq(x).unflatten(-1, (self.n_head, self.head_dim))
+        k = self.wk(x).unflatten(-1, (self.n_kv_head, self.head_dim))
+        v = self.wv(x).unflatten(-1, (self.n_kv_head, self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
+        q, k, v = self.project_qkv(x, cos, sin)  # (B, T, heads, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, S, n_kv_head, hd), S = cached + T
+        y = attention(q, k, v, causal=True, doc_ids=doc_ids)
+        return self.wo(y.flatten(-2))
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """w_down(silu(w_gate(x)) * w_up(x)) with weights in nn.Linear's (out, in) layout."""
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.w_up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.w_down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return swiglu(x, self.w_gate.weight, self.w_up.weight, self.w_down.weight)
+
+
+class Experts(nn.Module):
+    """n_expert SwiGLU MLPs stacked into (n_expert, out, in) tensors so dispatch can index them."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        n_expert, n_embd, hidden = config.n_expert, config.n_embd, config.mlp_hidden
+        # Left uninitialised here: GPT.init_weights fills every parameter by name.
+        self.w_gate = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
+        self.w_up = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
+        self.w_down = nn.Parameter(torch.empty(n_expert, n_embd, hidden))
+
+    def forward(self, x_sorted, tokens_per_expert: list[int]):
+        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd)."""
+        chunks = x_sorted.split(tokens_per_expert)
+        return torch.cat([swiglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e])
+                          for e, chunk in enumerate(chunks)])
+
+
+class MoE(nn.Module):
+    """Mixtral-style MoE: softmax router, top-k experts per token with renormalised gates, dropless dispatch."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_expert, self.n_active = config.n_expert, config.n_expert_active
+        self.aux_coef, self.z_coef = config.moe_aux_loss_coef, config.moe_z_loss_coef
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = Experts(config)
+        self.aux_loss = None     # scalar, set by forward: weighted balance + z loss
+        self.expert_load = None  # (n_expert,), set by forward: share of routed (token, slot) pairs per expert
+
+    def forward(self, x):
+        x_flat = x.reshape(-1, x.shape[-1])  # (N, n_embd)
+        router_logits = self.router(x_flat)  # (N, n_expert)
+        router_logits = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
+        router_probs = router_logits.softmax(dim=-1)
+        gates, chosen = router_probs.topk(self.n_active, dim=-1)  # (N, k) each
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+
+        # Dropless dispatch: sort the N*k (token, slot) assignments by expert so each expert runs one matmul
+        # on a contiguous slice, then scatter-add the gated outputs back to their tokens.
+        expert_of_slot = chosen.flatten()  # (N*k,)
+        order = expert_of_slot.argsort(stable=True)
+        token_of_sorted = order // self.n_active  # (N*k,) row in x_flat of each sorted assignment
+        tokens_per_expert = torch.bincount(expert_of_slot, minlength=self.n_expert)
+        expert_out = self.experts(x_flat[token_of_sorted], tokens_per_expert.tolist())  # (N*k, n_embd)
+        expert_out = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
+        # expert_out's dtype, not x's: under autocast the experts run in bf16 while x is still fp32.
+        y = torch.zeros_like(x_flat, dtype=expert_out.dtype).index_add_(0, token_of_sorted, expert_out)
+
+        # Switch/Mixtral balance loss n_expert * sum_e f_e * P_e (1.0 when uniform), f_e the share of
+        # assignments, P_e the mean router probability; z-loss keeps router logits small (ST-MoE).
+        load = tokens_per_expert.to(router_probs.dtype) / expert_of_slot.numel()
+        balance_loss = self.n_expert * (load * router_probs.mean(dim=0)).sum()
+        z_loss = torch.logsumexp(router_logits, dim=-1).square().mean()
+        self.aux_loss = self.aux_coef * balance_loss + self.z_coef * z_loss
+        self.expert_load = load.detach()
+        return y.view_as(x)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
+
+    def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def positions_in_documents(doc_ids: torch.Tensor):
+    """For packed rows doc_ids (B, T): each token's position inside its document, and a document index per
+    contiguous run (so an id reused later in the row still starts a new document). Both (B, T)."""
+    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    token_idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    doc_start = torch.where(new_doc, token_idx, 0).cummax(dim=1).values
+    return token_idx - doc_start, new_doc.cumsum(dim=1)
+
+
+class GPT(nn.Module):
+    """The decoder: token embedding, n_layer Blocks, final norm, lm_head (or the tied embedding)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Not saved: derived from the config. Cast along with the model (bf16 tables are coarse but cheap).
+        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.moe_aux_loss = torch.zeros(())
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, 0.02) matrices, with the residual-stream outputs (wo, w_down) scaled by 1/sqrt(2 n_layer)
+        so the residual's variance does not grow with depth (GPT-2); norm weights start at 1."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)
+            elif name.endswith(("wo.weight", "w_down.weight", "experts.w_down")):
+                param.normal_(0.0, residual_std)
+            else:
+                param.normal_(0.0, 0.02)
+
+    def forward(self, idx, targets=None, *, doc_ids=None, kv_cache=None):
+        """idx (B, T) -> logits (B, T, vocab) in fp32 (or wider), or, given targets, the mean cross-entropy
+        over targets != -1 plus the MoE auxiliary loss. doc_ids (B, T) packs documents; kv_cache decodes."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, seq_len), got shape {tuple(idx.shape)}")
+        batch, seq_len = idx.shape
+        if doc_ids is not None and kv_cache is not None:
+            raise ValueError("doc_ids and kv_cache cannot be combined: packed rows are a training-time layout")
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + seq_len > self.config.max_seq_len:  # positions inside packed documents are smaller still
+            raise ValueError(f"positions up to {start + seq_len - 1} exceed max_seq_len={self.config.max_seq_len}")
+        if doc_ids is not None:
+            if doc_ids.shape != idx.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must match idx {tuple(idx.shape)}")
+            positions, doc_ids = positions_in_documents(doc_ids)  # (B, T) each
+        else:
+            positions = torch.arange(start, start + seq_len, device=idx.device)  # (T,)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hd) or (B, T, hd)
+
+        x = self.tok_emb(idx)  # (B, T, n_embd)
+        for layer in self.layers:
+            x = layer(x, cos, sin, doc_ids, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(seq_len)
+        x = self.norm(x)
+        logits = self.lm_head(x) if not self.config.tie_embeddings else F.linear(x, self.tok_emb.weight)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, T, vocab)
+
+        if self.config.n_expert:
+            # Mean over layers, so the coefficients need no retuning when the depth changes.
+            self.moe_aux_loss = torch.stack([layer.mlp.aux_loss for layer in self.layers]).mean()
+        else:
+            self.moe_aux_loss = torch.zeros((), device=idx.device)
+        if targets is None:
+            return logits
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return loss + self.moe_aux_loss
+
+    def moe_expert_load(self):
+        """(n_layer, n_expert) share of the last forward's routed (token, slot) pairs per expert; None if dense."""
+        if not self.config.n_expert:
+            return None
+        return torch.stack([layer.mlp.expert_load for layer in self.layers])
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); non_embedding drops the token embedding and lm_head tables."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.tok_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training (forward + backward) FLOPs per token at seq_len (default max_seq_len), for MFU.
+
+        6 per weight multiply-add (2 forward, 4 backward) over every matmul a token touches: projections,
+        the router and its k active experts, lm_head (the embedding lookup is not a matmul). Attention adds
+        QK^T and AV over the full seq_len keys, as PaLM/nanoGPT count it, although causal masking wastes half.
+        """
+        c = self.config
+        seq_len = c.max_seq_len if seq_len is None else seq_len
+        attn_weights = c.n_embd * c.head_dim * (2 * c.n_head + 2 * c.n_kv_head)  # wq, wo, wk, wv
+        if c.n_expert:
+            mlp_weights = c.n_embd * c.n_expert + c.n_expert_active * 3 * c.n_embd * c.mlp_hidden
+        else:
+            mlp_weights = 3 * c.n_embd * c.mlp_hidden
+        matmul_weights = c.n_layer * (attn_weights + mlp_weights) + c.vocab_size * c.n_embd
+        attn_score_macs = c.n_layer * 2 * c.n_head * c.head_dim * seq_len  # QK^T + AV per query token
+        return 6.0 * (matmul_weights + attn_score_macs)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_ids=None, generator=None):
+        """Append up to max_new_tokens sampled tokens to idx (B, T) using a KV cache; temperature 0 is greedy.
+
+        A row that emits a token in stop_ids is padded with that token; decoding ends once every row stopped.
+        """
+        batch, prompt_len = idx.shape
+        total_len = prompt_len + max_new_tokens
+        if total_len > self.config.max_seq_len:
+            raise ValueError(f"prompt {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
+        # The same sampler as the server (it validates temperature and top_k); every row shares `generator`.
+        params = SamplingParams(max_tokens=max(max_new_tokens, 1), temperature=temperature, top_k=top_k or 0)
+        kv_cache = KVCache(self.config, batch, total_len, idx.device, self.tok_emb.weight.dtype)
+        stop_ids = torch.tensor(sorted(stop_ids or []), dtype=idx.dtype, device=idx.device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        tokens = [idx]
+        logits = self(idx, kv_cache=kv_cache)[:, -1]  # (B, vocab)
+        for step in range(max_new_tokens):
+            if step:
+                logits = self(tokens[-1], kv_cache=kv_cache)[:, -1]
+            sampled = sample(logits, [params] * batch, [generator] * batch).token_ids
+            next_token = torch.tensor(sampled, dtype=idx.dtype, device=idx.device)  # (B,)
+            next_token = torch.where(stopped, tokens[-1][:, -1], next_token)
+            tokens.append(next_token[:, None])
+            stopped |= torch.isin(next_token, stop_ids)
+            if stopped.all():
+                break
+        return torch.cat(tokens, dim=1)

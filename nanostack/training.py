@@ -1,0 +1,308 @@
+"""The training loop shared by pretraining and every post-training method.
+
+    for each step:
+        lr = schedule(step)
+        for each micro-batch (gradient accumulation):
+            loss, metrics = objective(model, batch)      # the loop does not know which objective it runs
+            (loss / grad_accum).backward()
+        clip gradients, optimizer step
+        every N steps: log, evaluate, sample, checkpoint
+
+Everything a resumed run needs to continue *exactly* is in the checkpoint: weights, optimizer moments, the
+step, the batch source's position and the RNG states. On CPU in fp32 a resumed run reproduces the losses
+of an uninterrupted one bit for bit (tests/test_training.py checks it).
+"""
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from safetensors.torch import load_file
+
+from nanostack import checkpoint, distributed
+from nanostack.distributed import ParallelConfig, Rank
+
+# Dense bf16 peak FLOP/s, for MFU. CPUs have no meaningful single figure, so no MFU is shown there.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/pretrain"   # run directory: step_*/ checkpoints, latest, metrics.jsonl
+    steps: int = 300                # optimizer steps in the whole run
+    batch_size: int = 16            # sequences per micro-batch (per rank)
+    grad_accum: int = 1             # micro-batches per optimizer step
+    lr: float = 0.0                 # peak learning rate; 0 = derived from the model's width
+    min_lr_ratio: float = 0.1       # final learning rate as a fraction of the peak
+    warmup_steps: int = 20          # linear warmup from 0 to the peak
+    schedule: str = "cosine"        # cosine | wsd (warmup-stable-decay: flat, then linear decay at the end)
+    decay_ratio: float = 0.2        # wsd only: fraction of the steps spent in the final decay
+    weight_decay: float = 0.1       # AdamW decay on matrices (never on norms, biases or embeddings)
+    beta1: float = 0.9              # AdamW first-moment decay
+    beta2: float = 0.95             # AdamW second-moment decay
+    grad_clip: float = 1.0          # clip the global gradient norm to this; 0 = off
+    dtype: str = "auto"             # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    compile: bool = False           # torch.compile the model (GPU; slow to start on CPU)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    seed: int = 1337                # seeds weights, data order and sampling
+    eval_every: int = 100           # evaluate every N steps (and at the end); 0 = only at the end
+    sample_every: int = 100         # print a sample every N steps; 0 = never
+    save_every: int = 100           # checkpoint every N steps (and at the end)
+    keep: int = 2                   # checkpoints kept in the run directory
+    log_every: int = 10             # one metrics line every N steps
+    resume: bool = False            # continue from the newest checkpoint in out_dir
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: `auto` is bf16 on GPU and fp32 on CPU."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def autocast_context(dtype: str, device: torch.device):
+    """bf16/fp16 autocast for the forward pass, or nothing for fp32."""
+    dtype = compute_dtype(dtype, device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def learning_rate(step: int, config: TrainConfig, peak: float) -> float:
+    """Linear warmup, then cosine to min_lr_ratio * peak, or (wsd) flat then linear decay at the end."""
+    if step < config.warmup_steps:
+        return peak * (step + 1) / config.warmup_steps
+    floor = peak * config.min_lr_ratio
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "wsd":
+        decay_start = config.steps - int(config.decay_ratio * config.steps)
+        if step < decay_start:
+            return peak
+        return peak - (peak - floor) * (step - decay_start) / max(1, config.steps - decay_start)
+    raise ValueError(f"schedule must be 'cosine' or 'wsd', got {config.schedule!r}")
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay on matrices, none on norms and embeddings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "emb" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(config.beta1, config.beta2), fused=fused)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak FLOP/s of a known GPU, or None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def to_device(batch, device):
+    """Move a batch (tensor, tuple/list or dict of them) to `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_tokens(batch) -> int:
+    """Tokens in a batch: the size of its first tensor (the input ids)."""
+    if torch.is_tensor(batch):
+        return batch.numel()
+    first = next(iter(batch.values() if isinstance(batch, dict) else batch))
+    return batch_tokens(first)
+
+
+@torch.no_grad()
+def bits_per_byte(model, batches, token_bytes: torch.Tensor) -> dict:
+    """Mean next-token loss (nats) and bits per byte of text over (inputs, targets) batches.
+
+    Bits per byte divides the summed loss by the UTF-8 bytes the targets decode to, so models with
+    different tokenizers compare fairly; zero-byte tokens (specials such as <|bos|>) count in neither sum.
+    """
+    device = token_bytes.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, loss on text tokens, tokens, bytes
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = model(inputs)
+        nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        target_bytes = token_bytes[targets.flatten()]
+        sums += torch.stack([nats.sum(), (nats * (target_bytes > 0)).sum(), torch.tensor(nats.numel(), device=device),
+                             target_bytes.sum()]).double()
+    loss_sum, byte_nats, tokens, text_bytes = distributed.all_reduce_sum(sums).tolist()  # over every rank's share
+    if tokens == 0:
+        raise ValueError("no evaluation batches: the validation split is smaller than one batch")
+    return {"loss": loss_sum / tokens, "bpb": byte_nats / (math.log(2) * max(1.0, text_bytes))}
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory: one JSON object per line, cut back to `step` on resume."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def resume_state(run_dir: Path, model, optimizer) -> dict:
+    """Load the newest checkpoint of a run into `model` and `optimizer` (sharded or not); its trainer state."""
+    directory = checkpoint.resolve_checkpoint(run_dir)
+    checkpoint.verify_manifest(directory)
+    if (directory / "shards").exists():
+        distributed.load_sharded(directory / "shards", model, optimizer)
+    else:
+        weights = checkpoint.with_tied_aliases(model, load_file(directory / "model.safetensors"))
+        distributed.load_full_state(model, optimizer, weights, checkpoint.read_optimizer_state(directory))
+    return {**json.loads((directory / "trainer_state.json").read_text()), "directory": str(directory)}
+
+
+def train(model, objective, batches, config: TrainConfig, *, model_config, tokenizer, evaluate=None, sample=None,
+          extra_config: dict | None = None, parallel: ParallelConfig | None = None, rank: Rank | None = None) -> dict:
+    """Run `objective` over `batches` for `config.steps` optimizer steps; returns the last eval metrics.
+
+    `model` is the bare model on its device; `parallel` says how to wrap it (DDP, FSDP2, activation
+    checkpointing) when `rank` comes from `distributed.setup()` under torchrun. `batches` has `next_batch()`,
+    `state_dict()` and `load_state_dict()`; `evaluate(model)` returns a dict of metrics (every rank calls it);
+    `sample(model)` returns a string to print. Checkpoints go to config.out_dir, written by rank 0.
+    """
+    parallel, rank = parallel or ParallelConfig(), rank or Rank(device=next(model.parameters()).device)
+    device, run_dir, peak_lr = rank.device, Path(config.out_dir), config.lr
+    flops_per_token, peak = model.flops_per_token(), peak_flops(device)
+    step_model = distributed.parallelize(model, parallel, rank, compile=config.compile,
+                                         param_dtype=compute_dtype(config.dtype, device))
+    optimizer = make_optimizer(model, config, peak_lr)  # after sharding: FSDP2 turns parameters into DTensors
+    start_step = 0
+    if config.resume:
+        trainer_state = resume_state(run_dir, model, optimizer)
+        start_step = trainer_state["step"]
+        batches.load_state_dict(trainer_state["loader"])
+        checkpoint.set_rng_state(trainer_state["rng"])
+        if rank.is_main:
+            tqdm.write(f"resumed from {trainer_state['directory']} at step {start_step}")
+    log = MetricsLog(run_dir, start_step if config.resume else None) if rank.is_main else None
+    autocast = autocast_context(config.dtype, device)
+    eval_metrics: dict = {}
+
+    def save(step: int) -> None:
+        sharded = parallel.sharded_checkpoint
+        # Gathering is a collective under FSDP: every rank takes part, rank 0 writes.
+        weights = None if sharded else distributed.full_model_state(model)
+        optimizer_state = None if sharded else distributed.full_optimizer_state(model, optimizer)
+        shards = run_dir / f".shards_{step:06d}.tmp"
+        if sharded:
+            distributed.save_sharded(shards, model, optimizer)
+        if rank.is_main:
+            trainer_state = {"step": step, "loader": batches.state_dict(), "rng": checkpoint.rng_state(),
+                             "train_config": asdict(config), "parallel": asdict(parallel),
+                             "world_size": rank.world_size, "eval": eval_metrics}
+            checkpoint.save_run_checkpoint(run_dir, step, config.keep, weights=weights, config=model_config,
+                                           tokenizer=tokenizer, optimizer_state=optimizer_state,
+                                           trainer_state=trainer_state, extra_config=extra_config,
+                                           extra_files={"shards": shards} if sharded else None)
+        distributed.barrier()
+
+    model.train()
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="train",
+               dynamic_ncols=True, disable=not rank.is_main)
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in bar:
+        lr = learning_rate(step, config, peak_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Summed on the device: reading a GPU value every micro-step would stall the launch queue.
+        step_loss, step_metrics = torch.zeros((), device=device), {}
+        for micro in range(config.grad_accum):
+            batch = to_device(batches.next_batch(), device)
+            with distributed.gradient_sync(step_model, sync=micro == config.grad_accum - 1), autocast:
+                loss, metrics = objective(step_model, batch)
+                (loss / config.grad_accum).backward()
+            step_loss += loss.detach() / config.grad_accum
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / config.grad_accum
+            window_tokens += batch_tokens(batch) * rank.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        logging = done % config.log_every == 0 or done == config.steps
+        saving = done % config.save_every == 0 or done == config.steps
+        evaluating = evaluate is not None and ((config.eval_every and done % config.eval_every == 0)
+                                               or done == config.steps)
+        sampling = sample is not None and config.sample_every and done % config.sample_every == 0
+        if not (logging or saving or evaluating or sampling):
+            continue
+        # Every rank agrees on the mean loss, so every rank stops together, and a diverged run never
+        # overwrites a good checkpoint: the check comes before any save.
+        step_loss = float(distributed.all_reduce_sum(step_loss)) / rank.world_size
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(
+                f"loss became {step_loss} at step {done}; the last good checkpoint is kept in {run_dir} "
+                "(try a lower --lr, a longer --warmup-steps, or --grad-clip 1.0)")
+        if logging and rank.is_main:
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(norm),
+                      "tokens_per_s": tokens_per_s, **{k: float(v) for k, v in step_metrics.items()}}
+            postfix = {"loss": f"{step_loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if peak:
+                record["mfu"] = flops_per_token * tokens_per_s / (peak * rank.world_size)
+                postfix["mfu"] = f"{record['mfu']:.1%}"
+            log.write(record)
+            bar.set_postfix(postfix)
+        if logging:
+            window_start, window_tokens = time.perf_counter(), 0
+        if evaluating:
+            model.eval()
+            with torch.no_grad(), autocast:
+                eval_metrics = evaluate(model)
+            model.train()
+            if rank.is_main:
+                log.write({"step": done, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
+                tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if sampling:
+            model.eval()
+            text = sample(model)  # every rank runs it: under FSDP the forward is a collective
+            model.train()
+            if rank.is_main:
+                tqdm.write(f"sample at step {done}: {text!r}")
+        if saving:
+            save(done)
+    bar.close()
+    return eval_metrics

@@ -1,0 +1,197 @@
+"""The training loop: schedule, optimizer groups, accumulation, bits per byte, exact resume, divergence."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanostack import checkpoint, objectives, training
+from nanostack.model import GPT, ModelConfig
+from nanostack.tokenizer import Tokenizer
+from nanostack.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(["def f(x):\n    return x * 2\n" * 10, "for i in range(3):\n    print(i)\n" * 10], 300)
+
+
+def tiny_model(tokenizer, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = ModelConfig(**{**dict(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, max_seq_len=32),
+                            **overrides})
+    return GPT(config), config
+
+
+class RandomBatches:
+    """A resumable batch source: batch i is a pure function of (seed, i). Optionally fails at one batch."""
+
+    def __init__(self, vocab_size, batch_size=2, seq_len=16, seed=0, fail_at=None):
+        self.vocab_size, self.batch_size, self.seq_len, self.seed = vocab_size, batch_size, seq_len, seed
+        self.position, self.fail_at = 0, fail_at
+
+    def next_batch(self):
+        if self.position == self.fail_at:
+            raise KeyboardInterrupt("simulated crash")
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.position)
+        self.position += 1
+        x = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g)
+        return x[:, :-1], x[:, 1:]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def read_losses(run_dir):
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_learning_rate_schedules():
+    config = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [training.learning_rate(s, config, 1.0) for s in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warmup
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    wsd = replace(config, schedule="wsd", decay_ratio=0.2)
+    lrs = [training.learning_rate(s, wsd, 1.0) for s in range(100)]
+    assert lrs[10:80] == [1.0] * 70
+    assert lrs[80:] == pytest.approx([1.0 - 0.9 * (s - 80) / 20 for s in range(80, 100)])
+    with pytest.raises(ValueError, match="schedule"):
+        training.learning_rate(50, replace(config, schedule="linear"), 1.0)
+
+
+def test_no_weight_decay_on_norms_and_embeddings(tokenizer):
+    model, _ = tiny_model(tokenizer)
+    optimizer = training.make_optimizer(model, TrainConfig(weight_decay=0.1), lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
+    undecayed = {names[id(p)] for p in optimizer.param_groups[1]["params"]}
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert "tok_emb.weight" in undecayed and "norm.weight" in undecayed
+    assert "layers.0.attn.wq.weight" in decayed and "lm_head.weight" in decayed
+    assert decayed | undecayed == set(names.values())
+
+
+def test_bits_per_byte_matches_a_naive_count(tokenizer):
+    model, config = tiny_model(tokenizer)
+    model.eval()
+    batches = [RandomBatches(config.vocab_size, seed=s).next_batch() for s in range(2)]
+    token_bytes = torch.tensor(tokenizer.token_bytes())
+    got = training.bits_per_byte(model, batches, token_bytes)
+    nats, counted_nats, n_bytes, n_tokens = 0.0, 0.0, 0, 0
+    specials = set(tokenizer.special_tokens.values())
+    for x, y in batches:
+        logp = torch.log_softmax(model(x).double(), dim=-1)
+        for b in range(y.shape[0]):
+            for t in range(y.shape[1]):
+                loss = -logp[b, t, y[b, t]].item()
+                nats += loss
+                n_tokens += 1
+                token = int(y[b, t])
+                nb = 0 if token in specials else len(tokenizer.decode_bytes([token]))
+                counted_nats += loss if nb else 0.0
+                n_bytes += nb
+    assert got["loss"] == pytest.approx(nats / n_tokens, rel=1e-5)
+    assert got["bpb"] == pytest.approx(counted_nats / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tokenizer, tmp_path):
+    """k micro-batches of b rows give the same update as one batch of k*b rows (float64, equal sizes)."""
+    results = []
+    for accum, batch_size in ((1, 4), (2, 2), (4, 1)):
+        model, config = tiny_model(tokenizer)
+        model.double()
+        source = RandomBatches(config.vocab_size, batch_size=4, seed=3)
+        big_x, big_y = source.next_batch()
+        chunks = [(big_x[i:i + batch_size], big_y[i:i + batch_size]) for i in range(0, 4, batch_size)]
+
+        class Fixed:
+            def __init__(self):
+                self.items = list(chunks)
+
+            def next_batch(self):
+                return self.items.pop(0)
+
+            def state_dict(self):
+                return {}
+
+        cfg = TrainConfig(out_dir=str(tmp_path / f"acc{accum}"), steps=1, grad_accum=accum, lr=1e-2, warmup_steps=1,
+                          grad_clip=0.0, save_every=1000, log_every=1)
+        training.train(model, objectives.next_token, Fixed(), cfg, model_config=config, tokenizer=tokenizer)
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(results[2], results[0], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_expert": 4, "n_expert_active": 2, "n_kv_head": 1}])
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tokenizer, tmp_path, overrides):
+    def run(run_dir, fail_at=None, resume=False):
+        model, config = tiny_model(tokenizer, **overrides)
+        cfg = TrainConfig(out_dir=str(run_dir), steps=8, lr=3e-3, warmup_steps=2, save_every=3, log_every=1,
+                          resume=resume, keep=3)
+        batches = RandomBatches(config.vocab_size, fail_at=fail_at)
+        training.train(model, objectives.next_token, batches, cfg, model_config=config, tokenizer=tokenizer)
+        return model
+
+    full = run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", fail_at=4)  # dies during step 5, after the step-3 checkpoint
+    assert checkpoint.resolve_checkpoint(tmp_path / "cut").name == "step_000003"
+    resumed = run(tmp_path / "cut", resume=True)
+    assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "full")
+    assert len(read_losses(tmp_path / "full")) == 8
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tokenizer, tmp_path):
+    model, config = tiny_model(tokenizer)
+    calls = {"n": 0}
+
+    def explodes_at_step_5(model, batch):
+        calls["n"] += 1
+        loss, metrics = objectives.next_token(model, batch)
+        return (loss * float("nan") if calls["n"] == 5 else loss), metrics
+
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=10, lr=1e-3, save_every=2, log_every=1)
+    with pytest.raises(training.TrainingDiverged, match="step 5"):
+        training.train(model, explodes_at_step_5, RandomBatches(config.vocab_size), cfg, model_config=config,
+                       tokenizer=tokenizer)
+    last = checkpoint.load_checkpoint(tmp_path)
+    assert last["trainer_state"]["step"] == 4
+    assert all(torch.isfinite(p).all() for p in last["model"].parameters())
+
+
+@pytest.mark.slow
+def test_train_script_end_to_end_and_resume(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(json.__file__).parent.parent
+    for name in ("bisect.py", "heapq.py", "textwrap.py", "shlex.py", "colorsys.py", "fnmatch.py", "glob.py"):
+        shutil.copy(stdlib / name, corpus / name)
+    common = [sys.executable, str(ROOT / "train.py"), "--source", str(corpus), "--tokenizer",
+              str(tmp_path / "tok.json"), "--vocab-size", "320", "--depth", "1", "--seq-len", "32",
+              "--batch-size", "4", "--out-dir", str(tmp_path / "run"), "--eval-every", "3", "--save-every", "3",
+              "--sample-every", "3", "--val-fraction", "0.3", "--eval-batches", "2"]
+    first = subprocess.run(common + ["--steps", "4"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "sample:" in first.stdout and "val bits/byte" in first.stdout
+    second = subprocess.run(common + ["--steps", "6", "--resume", "true"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert checkpoint.load_checkpoint(tmp_path / "run")["trainer_state"]["step"] == 6
+    missing = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "true", "--out-dir",
+                              str(tmp_path / "nowhere"), "--tokenizer", str(tmp_path / "tok.json"), "--source",
+                              str(corpus)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert missing.returncode != 0 and "no checkpoint" in missing.stderr

@@ -1,0 +1,137 @@
+"""Pretrain a GPT on a text corpus: `python train.py` trains a tiny model on the Python standard library.
+
+With no flags it trains a tokenizer (or reuses out/tokenizer.json), tokenizes the corpus into out/data/,
+trains for a few minutes on CPU (or much bigger on a GPU, see README), checkpoints to out/pretrain/ and
+prints a sample. `--depth` is the one dial for model size; every other flag is listed by `--help`.
+"""
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanostack import checkpoint, data, distributed, objectives
+from nanostack.distributed import ParallelConfig
+from nanostack.cli import add_dataclass_args, dataclass_from_args, given_fields
+from nanostack.model import GPT, ModelConfig, default_learning_rate
+from nanostack.tokenizer import Tokenizer
+from nanostack.training import TrainConfig, bits_per_byte, resolve_device, train
+
+
+@dataclass
+class PretrainConfig:
+    source: str = "stdlib"          # corpus: stdlib (no download) | a .txt/.jsonl file or a directory of them
+    tokenizer: str = "out/tokenizer.json"  # tokenizer file: reused if it exists, else trained and saved here
+    vocab_size: int = 4096          # vocabulary size when a tokenizer is trained (ordinary + special tokens)
+    tokenizer_max_mb: float = 8.0   # megabytes of corpus text used to train the tokenizer
+    data_dir: str = ""              # token shards; empty = out/data/<source name>
+    val_fraction: float = 0.02      # share of documents held out for validation (split by document)
+    depth: int = 4                  # model size dial: width = 64 * depth, heads of 64 dims, lr scaled to match
+    seq_len: int = 256              # tokens per training sequence (the model's context length)
+    eval_batches: int = 16          # validation batches per evaluation
+    sample_tokens: int = 48         # tokens in each printed sample
+
+
+# The tokenizer sets the vocabulary and --seq-len the context, so they are not model flags.
+MODEL_FIELDS_SET_ELSEWHERE = ("vocab_size", "max_seq_len")
+
+
+def parse_args(argv=None):
+    """Flags come from PretrainConfig, TrainConfig and ModelConfig (model fields override the depth dial)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_dataclass_args(parser, PretrainConfig, "data and size")
+    add_dataclass_args(parser, TrainConfig, "training")
+    add_dataclass_args(parser, ParallelConfig, "parallelism (under torchrun)")
+    add_dataclass_args(parser, ModelConfig, "model (each overrides what --depth derives)", defaults_to_none=True,
+                       skip=MODEL_FIELDS_SET_ELSEWHERE)
+    return parser.parse_args(argv)
+
+
+def load_or_train_tokenizer(config: PretrainConfig) -> Tokenizer:
+    """Reuse the tokenizer file if it exists; otherwise train one on the first MBs of the corpus."""
+    path = Path(config.tokenizer)
+    if path.exists():
+        return Tokenizer.load(path)
+    budget, texts = int(config.tokenizer_max_mb * 1e6), []
+    for document in data.iter_documents(config.source):
+        texts.append(document.text)
+        budget -= len(document.text)
+        if budget <= 0:
+            break
+    print(f"training a {config.vocab_size}-token tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB of {config.source}")
+    tokenizer = Tokenizer.train(texts, config.vocab_size)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = dataclass_from_args(PretrainConfig, args)
+    train_config = dataclass_from_args(TrainConfig, args)
+    parallel = dataclass_from_args(ParallelConfig, args)
+    rank = distributed.setup(resolve_device(train_config.device))
+    say = print if rank.is_main else (lambda *a, **k: None)
+    device = rank.device
+    torch.manual_seed(train_config.seed)
+
+    # Rank 0 trains the tokenizer and tokenizes the corpus; the others wait, then read what it wrote.
+    if rank.is_main:
+        tokenizer = load_or_train_tokenizer(config)
+    distributed.barrier()
+    tokenizer = tokenizer if rank.is_main else Tokenizer.load(config.tokenizer)
+    data_dir = Path(config.data_dir or Path(config.tokenizer).parent / "data" / Path(config.source).name)
+    if rank.is_main:
+        data.prepare_tokens(config.source, tokenizer, data_dir, val_fraction=config.val_fraction)
+    distributed.barrier()
+    train_shards = data.TokenShards(data_dir, "train", tokenizer)
+    val_shards = data.TokenShards(data_dir, "val", tokenizer)
+    loader = data.BatchLoader(train_shards, train_config.batch_size, config.seq_len, seed=train_config.seed,
+                              rank=rank.rank, world_size=rank.world_size)
+    say(f"data: {len(train_shards):,} train tokens, {len(val_shards):,} val tokens in {data_dir}")
+
+    if train_config.resume:
+        model_config, _ = checkpoint.read_config(train_config.out_dir)
+    else:
+        model_config = ModelConfig.from_depth(config.depth, vocab_size=tokenizer.vocab_size,
+                                              max_seq_len=config.seq_len,
+                                              **given_fields(ModelConfig, args, skip=MODEL_FIELDS_SET_ELSEWHERE))
+    model = GPT(model_config).to(device)
+    if not train_config.lr:
+        train_config.lr = default_learning_rate(model_config)
+    say(f"model: {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} non-embedding), "
+        f"{model_config.n_layer} layers x {model_config.n_embd} wide; lr {train_config.lr:.2e}; "
+        f"device {device} x {rank.world_size} ({parallel.strategy})")
+
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+
+    def evaluate(model):
+        batches = data.eval_batches(val_shards, train_config.batch_size, config.seq_len, config.eval_batches,
+                                    rank=rank.rank, world_size=rank.world_size)
+        return bits_per_byte(model, batches, token_bytes)
+
+    def sample(model):
+        prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("def ")], device=device)
+        generator = torch.Generator(device=device).manual_seed(train_config.seed)
+        new_tokens = min(config.sample_tokens, model_config.max_seq_len - prompt.shape[1])
+        out = model.generate(prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)
+        return tokenizer.decode(out[0, 1:].tolist())
+
+    start = time.time()
+    metrics = train(model, objectives.next_token, loader, train_config, model_config=model_config,
+                    tokenizer=tokenizer, evaluate=evaluate, sample=sample, parallel=parallel, rank=rank)
+    text = sample(model)
+    say(f"done in {time.time() - start:.0f}s: val loss {metrics.get('loss', float('nan')):.4f}, "
+        f"val bits/byte {metrics.get('bpb', float('nan')):.4f}; checkpoint in "
+        f"{checkpoint.resolve_checkpoint(train_config.out_dir)}")
+    say("sample:", repr(text))
+    distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, checkpoint.CheckpointError) as e:
+        sys.exit(f"error: {e}")
