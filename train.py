@@ -22,7 +22,8 @@ from nanostack.training import TrainConfig, bits_per_byte, resolve_device, train
 
 @dataclass
 class PretrainConfig:
-    source: str = "stdlib"          # corpus: stdlib (no download) | a .txt/.jsonl file or a directory of them
+    source: str = "stdlib"          # corpus: stdlib (no download) | .txt/.jsonl/.parquet file or dir | fineweb-edu-10bt | fineweb-edu-100b-shuffle | FILE.urls
+    max_shards: int = 0             # web corpora: download only the first N shards (0 = all)
     tokenizer: str = "out/tokenizer.json"  # tokenizer file: reused if it exists, else trained and saved here
     vocab_size: int = 4096          # vocabulary size when a tokenizer is trained (ordinary + special tokens)
     tokenizer_max_mb: float = 8.0   # megabytes of corpus text used to train the tokenizer
@@ -40,7 +41,7 @@ MODEL_FIELDS_SET_ELSEWHERE = ("vocab_size", "max_seq_len")
 
 def parse_args(argv=None):
     """Flags come from PretrainConfig, TrainConfig and ModelConfig (model fields override the depth dial)."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, PretrainConfig, "data and size")
     add_dataclass_args(parser, TrainConfig, "training")
     add_dataclass_args(parser, ParallelConfig, "parallelism (under torchrun)")
@@ -76,11 +77,15 @@ def main(argv=None) -> int:
     device = rank.device
     torch.manual_seed(train_config.seed)
 
-    # Rank 0 trains the tokenizer and tokenizes the corpus; the others wait, then read what it wrote.
+    # Rank 0 downloads, trains the tokenizer and tokenizes the corpus; the others wait, then read what it wrote.
+    download_dir = Path(config.tokenizer).parent / "download" / Path(config.source).stem
     if rank.is_main:
+        config.source = data.download_source(config.source, download_dir, config.max_shards or None)
         tokenizer = load_or_train_tokenizer(config)
     distributed.barrier()
-    tokenizer = tokenizer if rank.is_main else Tokenizer.load(config.tokenizer)
+    if not rank.is_main:
+        config.source = data.download_source(config.source, download_dir, config.max_shards or None)  # now on disk
+        tokenizer = Tokenizer.load(config.tokenizer)
     data_dir = Path(config.data_dir or Path(config.tokenizer).parent / "data" / Path(config.source).name)
     if rank.is_main:
         data.prepare_tokens(config.source, tokenizer, data_dir, val_fraction=config.val_fraction)
