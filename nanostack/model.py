@@ -10,9 +10,12 @@ Conventions follow Hugging Face Llama/Mixtral (no biases, RMSNorm computed in fp
 LlamaForCausalLM / MixtralForCausalLM by renaming parameters, with no permutation.
 
 `attention()` is the one place that picks the attention backend (Triton flash kernel on CUDA, torch SDPA
-elsewhere). RoPE is applied from cos/sin tables gathered by position, and `Attention.project_qkv` is
-separate from the attention itself, so a serving forward over flattened tokens and a paged KV cache can
-reuse the same weights and pieces.
+elsewhere), and `paged_attention()` its twin for serving. RoPE is applied from cos/sin tables gathered by
+position, and `Attention.project_qkv` is separate from the attention itself, so the serving forward reuses the
+same blocks: `GPT.forward_serving` runs the tokens of many sequences flattened into one row, each at its own
+position, with a `kv_cache` (a `PagedKV`) whose `attend()` writes K/V into a paged pool and reads it back. The
+attention metadata rides in that object (nano-vllm keeps it in a global context instead) so that no forward
+signature grows a serving-only argument.
 """
 import math
 from dataclasses import dataclass, fields
@@ -188,6 +191,84 @@ class KVCache:
         """Mark n_tokens more positions as filled (call once per forward)."""
         self.length += n_tokens
 
+    def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
+        """Append this step's k/v, then attend from q (B, T, n_head, hd) over everything cached so far."""
+        k, v = self.update(layer_idx, k, v)  # (B, S, n_kv_head, hd), S = cached + T
+        return attention(q, k, v, causal=True)
+
+
+@dataclass
+class PagedBatch:
+    """Where the flattened tokens of one serving step sit in the paged KV cache (built by serving/engine.py).
+
+    Tokens [0, num_prefill_tokens) are prefill chunks, one sequence after another: each chunk attends causally
+    to its sequence's cached prefix and to itself. The remaining tokens are single (decode) tokens, one per
+    sequence, each attending to its whole context through its block table."""
+    positions: torch.Tensor            # (N,) position of each token in its sequence, for RoPE
+    slot_mapping: torch.Tensor         # (N,) pool slot (block_id * block_size + offset) taking each token's K/V
+    num_prefill_tokens: int
+    cu_seqlens_q: torch.Tensor         # (P + 1,) int32 offsets of the prefill chunks among the tokens
+    cu_seqlens_k: torch.Tensor         # (P + 1,) int32 offsets of their keys: cached prefix + the chunk
+    max_seqlen_q: int
+    max_seqlen_k: int
+    prefill_key_slots: torch.Tensor    # (total keys,) pool slot of every prefill key, in cu_seqlens_k order
+    decode_block_tables: torch.Tensor  # (D, max_blocks) int32 block ids of each decoding sequence
+    decode_context_lens: torch.Tensor  # (D,) int32 keys each decode token sees, itself included
+    logits_indices: torch.Tensor       # (L,) the tokens whose logits are wanted
+
+
+def paged_attention(q, k, v, k_pool, v_pool, batch: PagedBatch, *, use_kernels: bool | None = None) -> torch.Tensor:
+    """Serving attention: store this step's k/v (N, n_kv_head, hd) in the layer's pools, then attend from q
+    (N, n_head, hd): prefill chunks over their cached prefix + themselves, decode tokens over their blocks.
+
+    The Triton kernels (default: on CUDA) read the pools directly. Otherwise each sequence's keys are gathered
+    out of the pools and torch SDPA runs on them (for decode ~3x faster on CPU than the kernel's reference)."""
+    from kernels.paged_attention import paged_decode_attention, write_kv
+    write_kv(k_pool, v_pool, k, v, batch.slot_mapping)
+    use_kernels = USE_FLASH_KERNEL and q.is_cuda if use_kernels is None else use_kernels
+    num_prefill = batch.num_prefill_tokens
+    k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # (num_blocks * block_size, n_kv_head, hd)
+    out = torch.empty_like(q)  # (N, n_head, hd)
+    if num_prefill:
+        keys = k_slots.index_select(0, batch.prefill_key_slots)  # (total keys, n_kv_head, hd)
+        values = v_slots.index_select(0, batch.prefill_key_slots)
+        if use_kernels:
+            from kernels.flash_attention import flash_attention
+            out[:num_prefill] = flash_attention(
+                q[:num_prefill], keys, values, causal=True, cu_seqlens_q=batch.cu_seqlens_q,
+                cu_seqlens_k=batch.cu_seqlens_k, max_seqlen_q=batch.max_seqlen_q, max_seqlen_k=batch.max_seqlen_k)
+        else:
+            cu_q, cu_k = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
+            for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+                out[q0:q1] = attention(q[None, q0:q1], keys[None, k0:k1], values[None, k0:k1])[0]
+    if num_prefill < q.shape[0]:
+        q_decode, tables, context_lens = q[num_prefill:], batch.decode_block_tables, batch.decode_context_lens
+        if use_kernels:
+            paged_decode_attention(q_decode, k_pool, v_pool, tables, context_lens, out=out[num_prefill:])
+        else:
+            # Whole blocks in table order; the padding entries of the tables gather block 0, which is masked.
+            num_seqs, max_context = tables.shape[0], tables.shape[1] * k_pool.shape[1]
+            keys = k_pool.index_select(0, tables.flatten()).view(num_seqs, max_context, *k_pool.shape[2:])
+            values = v_pool.index_select(0, tables.flatten()).view(num_seqs, max_context, *v_pool.shape[2:])
+            visible = torch.arange(max_context, device=q.device)[None, :] < context_lens[:, None]  # (D, max ctx)
+            y = F.scaled_dot_product_attention(  # one query per sequence: (D, n_head, 1, hd)
+                q_decode[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None],
+                enable_gqa=keys.shape[2] != q.shape[1])
+            out[num_prefill:] = y[:, :, 0]
+    return out
+
+
+@dataclass
+class PagedKV:
+    """Every layer's K/V pools plus this step's PagedBatch: the `kv_cache` of a serving forward."""
+    k_pools: list
+    v_pools: list
+    batch: PagedBatch
+
+    def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
+        """Attention of one layer over the paged cache, see paged_attention."""
+        return paged_attention(q, k, v, self.k_pools[layer_idx], self.v_pools[layer_idx], self.batch)
+
 
 class Attention(nn.Module):
     """Grouped-query self-attention: n_head query heads share n_kv_head K/V heads; RoPE on q and k."""
@@ -209,10 +290,11 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
-        q, k, v = self.project_qkv(x, cos, sin)  # (B, T, heads, hd)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, S, n_kv_head, hd), S = cached + T
-        y = attention(q, k, v, causal=True, doc_ids=doc_ids)
+        q, k, v = self.project_qkv(x, cos, sin)  # (B, T, heads, hd), or (N, heads, hd) when serving
+        if kv_cache is None:
+            y = attention(q, k, v, causal=True, doc_ids=doc_ids)
+        else:  # a KVCache or a PagedKV: each knows where its keys live
+            y = kv_cache.attend(self.layer_idx, q, k, v)
         return self.wo(y.flatten(-2))
 
 
@@ -373,9 +455,7 @@ class GPT(nn.Module):
             x = layer(x, cos, sin, doc_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
-        x = self.norm(x)
-        logits = self.lm_head(x) if not self.config.tie_embeddings else F.linear(x, self.tok_emb.weight)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, T, vocab)
+        logits = self.lm_logits(x)  # (B, T, vocab)
 
         if self.config.n_expert:
             # Mean over layers, so the coefficients need no retuning when the depth changes.
@@ -388,6 +468,23 @@ class GPT(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return loss + self.moe_aux_loss
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: hidden states (..., n_embd) -> logits (..., vocab) in fp32 (or wider)."""
+        x = self.norm(x)
+        logits = self.lm_head(x) if not self.config.tie_embeddings else F.linear(x, self.tok_emb.weight)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def forward_serving(self, token_ids: torch.Tensor, batch: PagedBatch, k_pools, v_pools) -> torch.Tensor:
+        """Serving forward: token_ids (N,) of many sequences laid end to end (prefill chunks, then decode tokens)
+        at batch.positions, K/V written into and read from the paged pools (one per layer). Returns logits
+        (len(batch.logits_indices), vocab) for the tokens that need them only."""
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]  # (N, hd)
+        paged_kv = PagedKV(k_pools, v_pools, batch)
+        x = self.tok_emb(token_ids)  # (N, n_embd): no batch dimension, each token carries its own position
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache=paged_kv)
+        return self.lm_logits(x[batch.logits_indices])
 
     def moe_expert_load(self):
         """(n_layer, n_expert) share of the last forward's routed (token, slot) pairs per expert; None if dense."""

@@ -65,6 +65,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Temperature 0: always the most likely token."""
         return self.temperature == 0
 
 
@@ -103,10 +104,11 @@ def filtered_logits(logits: torch.Tensor, params_list: list[SamplingParams]) -> 
             logits = logits.masked_fill(logits < kth_largest, float("-inf"))
             sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
         if any(p < 1 for p in top_p):
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # exclusive: mass of strictly earlier tokens
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # Mass of the strictly earlier tokens, as a shifted cumsum: non-decreasing even in float rounding, and
+            # exactly 0 for the most likely token, which therefore always survives (top_p > 0).
+            mass_before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=-1)
             keep_sorted = mass_before < torch.tensor(top_p, device=device)[:, None]
-            keep_sorted[:, 0] = True  # the most likely token always survives, whatever rounding did
             # The kept tokens are a prefix of the sorted order; keeping every logit >= the last kept one also
             # keeps the tokens tied with it, which is the order-independent definition in the module docstring.
             last_kept = keep_sorted.sum(dim=-1, keepdim=True) - 1

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from safetensors.torch import load_file
 
 from nanostack import checkpoint, distributed
+from nanostack import model as model_module
 from nanostack.distributed import ParallelConfig, Rank
 
 # Dense bf16 peak FLOP/s, for MFU. CPUs have no meaningful single figure, so no MFU is shown there.
@@ -48,6 +49,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # clip the global gradient norm to this; 0 = off
     dtype: str = "auto"             # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     compile: bool = False           # torch.compile the model (GPU; slow to start on CPU)
+    flash_kernel: bool = True       # attention through the Triton flash kernel on CUDA (false = PyTorch SDPA)
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 1337                # seeds weights, data order and sampling
     eval_every: int = 100           # evaluate every N steps (and at the end); 0 = only at the end
@@ -203,6 +205,7 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
     `sample(model)` returns a string to print. Checkpoints go to config.out_dir, written by rank 0.
     """
     parallel, rank = parallel or ParallelConfig(), rank or Rank(device=next(model.parameters()).device)
+    model_module.USE_FLASH_KERNEL = config.flash_kernel
     device, run_dir, peak_lr = rank.device, Path(config.out_dir), config.lr
     flops_per_token, peak = model.flops_per_token(), peak_flops(device)
     step_model = distributed.parallelize(model, parallel, rank, compile=config.compile,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from nanostack.sampling import SamplingParams, make_generator, sample, token_logprobs
+from nanostack.sampling import SamplingParams, filtered_logits, make_generator, sample, token_logprobs
 
 # Upper 0.1% points of the chi-square distribution by degrees of freedom (standard tables): a correct
 # sampler fails a test at a fixed seed with probability 1e-3, and the seeds are fixed, so the result is stable.
@@ -59,7 +59,10 @@ filter_params = st.builds(
 @settings(max_examples=60, deadline=None)
 @given(logits=distinct_logits, params=filter_params, seed=st.integers(0, 2**31))
 def test_filters_never_emit_an_excluded_token(logits, params, seed):
-    _, excluded = reference_allowed(logits, params)
+    certainly_kept, excluded = reference_allowed(logits, params)
+    filtered = filtered_logits(torch.tensor([logits]), [params])[0]
+    kept = set(torch.isfinite(filtered).nonzero().flatten().tolist())
+    assert certainly_kept <= kept and not kept & excluded
     draws = 64
     batch = torch.tensor([logits] * draws)
     torch.manual_seed(seed)
@@ -117,7 +120,8 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=4),
-                                    SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=1.0, min_p=0.2)])
+                                    SamplingParams(temperature=1.0, top_p=0.8),
+                                    SamplingParams(temperature=1.0, min_p=0.2)])
 def test_sampled_distribution_matches_tempered_softmax(params):
     logits = [0.3, -1.2, 1.1, 0.0, 0.8, -0.4, 2.0]
     expected = filtered_probs_reference(logits, params)

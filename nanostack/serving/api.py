@@ -1,0 +1,823 @@
+"""The OpenAI-compatible HTTP server: aiohttp routes in front of the engine.
+
+    python serve.py                # the newest checkpoint under out/ on http://127.0.0.1:8000
+    curl localhost:8000/v1/completions -d '{"prompt": "def fib(", "max_tokens": 32, "temperature": 0}'
+
+Routes: /v1/models, /v1/completions and /v1/chat/completions in the shapes of the OpenAI API (streamed as
+server-sent events, one `data: {json}\\n\\n` per chunk and a final `data: [DONE]`), /tokenize, /detokenize,
+/health, /metrics (Prometheus text) and / (a one-file chat page). Every error is JSON in OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`.
+
+Threads. The engine is synchronous, so it runs on one thread of its own (`EngineLoop`), stepping while there is
+work and sleeping on its command queue otherwise; nothing else touches it. Handlers on the asyncio loop put "add"
+and "abort" commands on that queue, and the engine thread hands every RequestOutput back through
+`loop.call_soon_threadsafe` into the asyncio.Queue of the HTTP request it belongs to. A completion with n
+choices, or several prompts, is several engine requests feeding one queue.
+
+Lifetimes. A client that disconnects cancels its handler (aiohttp's `handler_cancellation`), and the handler's
+`finally` aborts its engine requests, which frees their KV blocks on the engine's next step. On shutdown the
+server stops accepting, waits up to `shutdown_timeout` for the requests in flight, then aborts the rest. If the
+engine thread dies, /health answers 503, requests in flight get a 500 and new ones a 503: nothing hangs.
+
+Prompts. A string prompt is encoded after a <|bos|>, as every training document was; token-id prompts are used
+as given. Log-likelihood scoring (lm-eval's `local-completions`) sends `echo: true` with `logprobs`: the prompt's
+tokens come back with their logprobs (the first is null: nothing precedes it), from the engine's prompt logprobs.
+lm-eval also sends `max_tokens: 0`, which the engine cannot run (it always samples), so with echo one token is
+generated and dropped: it is in the engine's generation counter but not in `usage`.
+"""
+import asyncio
+import bisect
+import codecs
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import queue
+import reprlib
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from nanostack.sampling import SamplingParams
+from nanostack.serving.engine import Engine, RequestOutput
+
+CHAT_PAGE = Path(__file__).with_name("chat.html")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+log = logging.getLogger("nanostack.api")
+
+
+@dataclass
+class ServerConfig:
+    """What the HTTP layer accepts; the engine's own limits are EngineConfig."""
+    served_model_name: str = "nanostack"   # the model id clients name in requests and see in /v1/models
+    api_key: str = ""                      # if set, /v1/*, /tokenize and /detokenize need `Authorization: Bearer KEY`
+    max_body_bytes: int = 1 << 20          # larger request bodies get 413
+    max_waiting: int = 256                 # sequences queued beyond the engine's running batch; more get 429
+    max_n: int = 16                        # choices per prompt (n) at most
+    max_logprobs: int = 20                 # alternatives per token (logprobs, top_logprobs) at most
+    max_stop: int = 16                     # stop strings per request at most (each is checked after every token)
+    shutdown_timeout: float = 30.0         # seconds a shutdown waits for requests in flight before aborting them
+
+    def __post_init__(self):
+        for name, low in (("max_body_bytes", 1), ("max_n", 1), ("max_waiting", 0), ("max_logprobs", 0),
+                          ("max_stop", 0), ("shutdown_timeout", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+
+class ApiError(Exception):
+    """An error answered as JSON in the OpenAI shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        """The JSON error object (also sent as an event when a stream fails midway)."""
+        kind = ("invalid_request_error" if self.status < 429 else
+                "rate_limit_exceeded" if self.status == 429 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        """The error as an HTTP response."""
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The engine thread
+
+class EngineLoop:
+    """Runs the engine on a thread of its own: commands in through a queue, outputs out to the asyncio loop."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_output):
+        self.engine, self.loop, self.on_output = engine, loop, on_output
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.sinks: dict[str, asyncio.Queue] = {}  # request id -> its HTTP request's queue (engine thread only)
+        self.stats = engine.stats()                 # refreshed after every step, read by /metrics
+        self.failure: str | None = None            # why the thread ended; set once, under the lock
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    @property
+    def healthy(self) -> bool:
+        """The thread runs and has not failed."""
+        return self.failure is None and self.thread.is_alive()
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams, arrival_time: float, sink) -> None:
+        """Queue a request (called on the event loop); if the thread has ended, answer None (failed) at once."""
+        with self.lock:  # either the thread sees this command before it ends, or we see its failure
+            if self.failure is None:
+                self.commands.put(("add", request_id, prompt, params, arrival_time, sink))
+                return
+        sink.put_nowait(None)
+
+    def abort(self, request_id: str | None = None) -> None:
+        """Abort a request (all of them for None); its blocks are freed before the next step."""
+        self.commands.put(("abort", request_id))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the thread after its current step and wait for it."""
+        self.commands.put(("stop",))
+        self.thread.join(timeout)
+
+    def _deliver(self, sink: asyncio.Queue, output: RequestOutput | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.on_output, sink, output)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def _run(self) -> None:
+        failure = "the engine was stopped"
+        try:
+            self._serve()
+        except BaseException as error:
+            failure = f"{type(error).__name__}: {error}"
+            log.exception("the engine thread failed; every request from now on gets an error")
+        finally:
+            with self.lock:
+                self.failure = failure
+            # No command can be queued any more: answer every request the engine held or had not seen yet.
+            sinks = set(self.sinks.values())
+            while not self.commands.empty():
+                kind, *args = self.commands.get()
+                if kind == "add":
+                    sinks.add(args[-1])
+            self.sinks.clear()
+            for sink in sinks:
+                self._deliver(sink, None)
+
+    def _serve(self) -> None:
+        engine = self.engine
+        while True:
+            # Sleep on the queue only when idle; while requests run, take whatever arrived and step on.
+            commands = [] if engine.has_unfinished() else [self.commands.get()]
+            while not self.commands.empty():
+                commands.append(self.commands.get())
+            for kind, *args in commands:
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    self._add(*args)
+                else:
+                    for request_id in list(self.sinks) if args[0] is None else args:
+                        engine.abort(request_id)
+            for output in engine.step() if engine.has_unfinished() else []:
+                sink = self.sinks.pop(output.request_id, None) if output.finished else self.sinks.get(output.request_id)
+                if sink is not None:
+                    self._deliver(sink, output)
+            self.stats = engine.stats()
+
+    def _add(self, request_id, prompt, params, arrival_time, sink) -> None:
+        self.sinks[request_id] = sink
+        try:
+            self.engine.add_request(request_id, prompt, params, arrival_time)
+        except ValueError as error:  # the API checked the request already; answer anything it missed
+            del self.sinks[request_id]
+            self._deliver(sink, RequestOutput(request_id, [], "", True, "error", str(error)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   10.0, 20.0, 40.0, 80.0)
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, plus the sum and count of every observation."""
+
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        """Count one value in the first bucket whose upper bound is >= value."""
+        index = bisect.bisect_left(self.buckets, value)
+        if index < len(self.counts):
+            self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def samples(self, name: str, labels: str) -> list[str]:
+        """Sample lines: cumulative counts per bound (le), then +Inf, the sum and the count."""
+        lines, cumulative = [], 0
+        for bound, count in zip(self.buckets, self.counts):
+            cumulative += count
+            lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
+        return lines + [f"{name}_sum{{{labels}}} {self.sum!r}", f"{name}_count{{{labels}}} {self.count}"]
+
+
+class Metrics:
+    """Latency histograms and finish counters, fed every RequestOutput on the event loop's thread."""
+
+    def __init__(self):
+        self.time_to_first_token = Histogram()
+        self.inter_token_latency = Histogram()
+        self.e2e_request_latency = Histogram()
+        self.finished = Counter({reason: 0 for reason in FINISH_REASONS})
+        self.last_token_time: dict[str, float] = {}
+
+    def observe(self, output: RequestOutput) -> None:
+        """Record the output's token times (TTFT for a request's first token, gaps after that) and its finish."""
+        times, request_id = output.token_times, output.request_id
+        if times:
+            previous = self.last_token_time.get(request_id)
+            if previous is None:
+                self.time_to_first_token.observe(times[0] - output.arrival_time)
+            else:
+                self.inter_token_latency.observe(times[0] - previous)
+            for earlier, later in zip(times, times[1:]):
+                self.inter_token_latency.observe(later - earlier)
+            self.last_token_time[request_id] = times[-1]
+        if output.finished:
+            self.finished[output.finish_reason] += 1
+            end = self.last_token_time.pop(request_id, None)
+            if output.finish_reason in ("stop", "length") and end is not None:
+                self.e2e_request_latency.observe(end - output.arrival_time)
+
+    def render(self, stats, model_name: str) -> str:
+        """Prometheus text exposition format, every sample labelled with the model name."""
+        labels = 'model_name="' + model_name.replace("\\", r"\\").replace('"', r'\"').replace("\n", r"\n") + '"'
+        lines = []
+
+        def family(name, kind, help_text, samples):
+            lines.extend([f"# HELP nanostack:{name} {help_text}", f"# TYPE nanostack:{name} {kind}", *samples])
+
+        for name, kind, help_text, value in (
+                ("num_requests_running", "gauge", "Requests in the engine's running batch.", stats.num_running),
+                ("num_requests_waiting", "gauge", "Requests queued for the running batch.", stats.num_waiting),
+                ("kv_cache_usage_ratio", "gauge", "Fraction of KV blocks held by requests.", stats.kv_cache_usage),
+                ("kv_cache_blocks", "gauge", "KV-cache blocks in the pool.", stats.num_kv_blocks),
+                ("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", stats.prompt_tokens_total),
+                ("generation_tokens_total", "counter", "Tokens sampled.", stats.generation_tokens_total),
+                ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+                 stats.prefix_cache_queries),
+                ("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
+                 stats.prefix_cache_hits),
+                ("num_preemptions_total", "counter", "Requests preempted for KV blocks.", stats.num_preemptions)):
+            family(name, kind, help_text, [f"nanostack:{name}{{{labels}}} {value}"])
+        family("requests_finished_total", "counter", "Engine requests (one per choice) by finish reason.",
+               [f'nanostack:requests_finished_total{{{labels},finish_reason="{reason}"}} {count}'
+                for reason, count in self.finished.items()])
+        for name, histogram, help_text in (
+                ("time_to_first_token_seconds", self.time_to_first_token, "From arrival to the first token."),
+                ("inter_token_latency_seconds", self.inter_token_latency, "Between consecutive tokens of a request."),
+                ("e2e_request_latency_seconds", self.e2e_request_latency, "From arrival to the last token.")):
+            family(name, "histogram", help_text, histogram.samples(f"nanostack:{name}", labels))
+        return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Request fields
+
+def _short(value) -> str:
+    return reprlib.repr(value)  # bounded in length and depth, whatever a client sent
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def get_field(body: dict, name: str, kind: type, default=None, low=None, high=None):
+    """body[name] checked to be a `kind` (int, float, bool, str, list, dict) within [low, high]; `default` when it
+    is absent or null. A wrong type or value is a 400 naming the field."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise ApiError(400, f"'{name}' must be of type {kind.__name__}, got {_short(value)}", param=name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ApiError(400, f"'{name}' must be {bounds}, got {value}", param=name)
+    return value
+
+
+@dataclass
+class Prompt:
+    """One prompt: its token ids, the text echoed for it, and whether we put a <|bos|> before that text."""
+    ids: list[int]
+    text: str
+    bos_added: bool = False
+
+
+@dataclass
+class Choice:
+    """One engine request of an HTTP request, and what it has produced so far."""
+    index: int
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    decoder: codecs.IncrementalDecoder = dataclasses.field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    started: bool = False                  # an output has arrived (the echoed prompt rides on the first)
+    num_chars: int = 0                     # characters decoded so far (echoed prompt included): the next text_offset
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list = dataclasses.field(default_factory=list)
+
+
+class Submission:
+    """The engine requests of one HTTP request: admitted and queued on creation, outputs read with `outputs()`,
+    the unfinished ones aborted by `close()` (which the handler calls in a `finally`, also on a disconnect)."""
+
+    def __init__(self, server: "Server", choices: list[Choice]):
+        engine_loop = server.engine_loop
+        if engine_loop is None or not engine_loop.healthy:
+            raise ApiError(503, f"the engine is not running ({engine_loop and engine_loop.failure})",
+                           code="engine_unavailable")
+        if server.draining:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        if server.active + len(choices) > server.max_sequences:
+            raise ApiError(429, f"the server is at capacity ({server.active} sequences in flight, at most "
+                                f"{server.max_sequences}): retry later", code="queue_full",
+                           headers={"Retry-After": "1"})
+        self.server, self.engine_loop = server, engine_loop
+        self.by_id = {choice.request_id: choice for choice in choices}
+        self.unfinished = set(self.by_id)
+        self.sink: asyncio.Queue = asyncio.Queue()
+        server.track(len(choices))
+        arrival = time.monotonic()
+        for choice in choices:
+            engine_loop.add(choice.request_id, choice.prompt.ids, choice.params, arrival, self.sink)
+
+    async def outputs(self):
+        """Yield (choice, output) as the engine produces them, until every choice has finished."""
+        while self.unfinished:
+            output = await self.sink.get()
+            if output is None:
+                raise ApiError(500, f"the engine failed: {self.engine_loop.failure}", code="engine_failed")
+            if output.finished:
+                self.unfinished.discard(output.request_id)
+                self.server.track(-1)
+                if output.finish_reason == "error":
+                    raise ApiError(400, output.error or "the engine refused the request")
+                if output.finish_reason == "abort":
+                    raise ApiError(503, "the request was aborted: the server is shutting down", code="aborted")
+            yield self.by_id[output.request_id], output
+
+    def close(self) -> None:
+        """Abort the choices that have not finished (a no-op once all have)."""
+        for request_id in self.unfinished:
+            self.engine_loop.abort(request_id)
+        self.server.track(-len(self.unfinished))
+        self.unfinished = set()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The server
+
+class Server:
+    """Routes and the state they share; `create_app` wires it into an aiohttp application."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        if engine.tokenizer is None:
+            raise ValueError("the server needs an engine with a tokenizer (Engine(model, tokenizer, ...))")
+        self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
+        self.max_model_len = engine.scheduler.config.max_model_len
+        self.max_sequences = engine.scheduler.config.max_num_seqs + config.max_waiting
+        self.metrics = Metrics()
+        self.engine_loop: EngineLoop | None = None
+        self.active = 0                    # engine requests submitted and not finished
+        self.idle = asyncio.Event()
+        self.draining = False
+        self.created = int(time.time())
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self, app) -> None:
+        """Start the engine thread (on startup: it needs the running event loop)."""
+        self.idle.set()
+        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop(), self._on_output)
+        self.engine_loop.thread.start()
+
+    async def drain(self, app) -> None:
+        """Refuse new requests, give those in flight shutdown_timeout seconds, then abort what is left."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.config.shutdown_timeout)
+        except asyncio.TimeoutError:
+            log.warning("aborting %d requests still running after %.1fs", self.active, self.config.shutdown_timeout)
+            self.engine_loop.abort()
+            try:
+                await asyncio.wait_for(self.idle.wait(), 5.0)
+            except asyncio.TimeoutError:
+                log.error("requests did not finish after their abort; closing anyway")
+
+    async def stop(self, app) -> None:
+        """Stop the engine thread (on cleanup, after drain)."""
+        self.engine_loop.stop()
+
+    def _on_output(self, sink: asyncio.Queue, output: RequestOutput | None) -> None:
+        if output is not None:
+            self.metrics.observe(output)
+        sink.put_nowait(output)
+
+    def track(self, change: int) -> None:
+        """Count engine requests in flight; `idle` is set when none is."""
+        self.active += change
+        if self.active:
+            self.idle.clear()
+        else:
+            self.idle.set()
+
+    # --- middleware ------------------------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        """API-key check, and every error answered as OpenAI-shaped JSON (aiohttp's own 404/405/413 included)."""
+        try:
+            if self.config.api_key and request.path.startswith(("/v1", "/tokenize", "/detokenize")):
+                given = request.headers.get("Authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {self.config.api_key}".encode()):
+                    raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                   code="invalid_api_key")
+            return await handler(request)
+        except ApiError as error:
+            return error.response()
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            return ApiError(error.status, error.text or error.reason, code=error.reason.lower().replace(" ", "_")
+                            ).response()
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            log.exception("unexpected error on %s", request.path)
+            return ApiError(500, f"internal error: {type(error).__name__}: {error}").response()
+
+    # --- request helpers -------------------------------------------------------------------------------
+
+    async def _json_body(self, request: web.Request) -> dict:
+        raw = await request.read()  # over client_max_size -> aiohttp raises 413
+
+        def reject_constant(name):
+            raise ValueError(f"{name} is not valid JSON")
+        try:
+            body = json.loads(raw, parse_constant=reject_constant)
+        except (ValueError, RecursionError) as error:
+            raise ApiError(400, f"the request body is not valid JSON: {str(error)[:200]}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        model = get_field(body, "model", str)
+        if model is not None and model != self.config.served_model_name:
+            raise ApiError(404, f"the model '{model[:100]}' does not exist; this server serves "
+                                f"'{self.config.served_model_name}'", param="model", code="model_not_found")
+        return body
+
+    def _token_ids(self, value, param: str) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        if not isinstance(value, list) or not value or not all(_is_int(t) and 0 <= t < vocab for t in value):
+            raise ApiError(400, f"'{param}' must be a non-empty list of token ids in [0, {vocab}), got "
+                                f"{_short(value)}", param=param)
+        return value
+
+    def _prompts(self, body: dict) -> list[Prompt]:
+        """The completion prompts: a string, a list of strings, a list of token ids, or a list of such lists."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                                f"token-id lists, got {_short(prompt)}", param="prompt")
+        prompts = []
+        for item in prompt:
+            if isinstance(item, str):
+                prompts.append(Prompt([self.tokenizer.bos_id] + self.tokenizer.encode(item), item, bos_added=True))
+            else:
+                ids = self._token_ids(item, "prompt")
+                prompts.append(Prompt(ids, self.tokenizer.decode(ids)))
+        return prompts
+
+    def _chat_prompt(self, body: dict) -> Prompt:
+        """The messages rendered with the tokenizer's chat template, ending in the assistant's generation prompt."""
+        messages = get_field(body, "messages", list)
+        if not messages:
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+        rendered = []
+        for i, message in enumerate(messages):
+            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
+            if isinstance(content, list):  # content parts: only text ones exist for this model
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise ApiError(400, f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}",
+                                   param="messages")
+                content = "".join(part["text"] for part in content)
+            if role not in ROLES or not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}] must have a role in {sorted(ROLES)} and string content, got "
+                                    f"{_short(message)}", param="messages")
+            rendered.append({"role": ROLES[role], "content": content})
+        ids, _ = self.tokenizer.render_chat(rendered, add_generation_prompt=True)
+        return Prompt(ids, "")
+
+    def _sampling(self, body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None):
+        """SamplingParams from the OpenAI fields (and vLLM's top_k, min_p, ignore_eos)."""
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and (not isinstance(stop, list) or len(stop) > self.config.max_stop
+                                 or not all(isinstance(s, str) and s for s in stop)):
+            raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {self.config.max_stop} "
+                                f"of them, got {_short(body.get('stop'))}", param="stop")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=get_field(body, "temperature", float, 1.0, 0.0),
+                top_p=get_field(body, "top_p", float, 1.0), top_k=get_field(body, "top_k", int, 0),
+                min_p=get_field(body, "min_p", float, 0.0), seed=get_field(body, "seed", int, None, -2**63, 2**63 - 1),
+                stop=stop or [], ignore_eos=get_field(body, "ignore_eos", bool, False),
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        except ValueError as error:
+            raise ApiError(400, str(error)) from None
+
+    def _check_fits(self, prompt: Prompt, max_tokens: int) -> None:
+        needed = len(prompt.ids) + max_tokens
+        if needed > self.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {self.max_model_len} tokens, but the request "
+                                f"needs {needed} ({len(prompt.ids)} in the prompt + {max_tokens} to generate): shorten "
+                                f"the prompt or lower max_tokens", param="max_tokens", code="context_length_exceeded")
+        blocks = self.engine.blocks  # its size never changes, so reading it from this thread is safe
+        if blocks.blocks_for(needed) > blocks.num_blocks:
+            raise ApiError(400, f"{needed} tokens need {blocks.blocks_for(needed)} KV blocks; the server's cache has "
+                                f"{blocks.num_blocks}: lower max_tokens", param="max_tokens")
+
+    def _choices(self, prefix: str, prompts: list[Prompt], n: int, params: SamplingParams) -> list[Choice]:
+        """n choices per prompt; with a seed, choice j uses seed + j so the choices differ yet repeat."""
+        choices = []
+        for index in range(len(prompts) * n):
+            j = index % n
+            seed = None if params.seed is None else (params.seed + j) % 2**64
+            choices.append(Choice(index, f"{prefix}-{index}", prompts[index // n],
+                                  dataclasses.replace(params, seed=seed) if j else params))
+        if len(choices) > self.max_sequences:
+            raise ApiError(400, f"{len(choices)} prompts x choices exceed what the server queues at once "
+                                f"({self.max_sequences}): send fewer prompts or a smaller n", param="n")
+        return choices
+
+    async def _stream(self, request: web.Request, chunks) -> web.StreamResponse:
+        """Send each chunk as a server-sent event, then `data: [DONE]`; an error midway becomes an error event."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            async for chunk in chunks:
+                await response.write(_event(chunk))
+        except ApiError as error:
+            await response.write(_event(error.body()))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _usage(prompts: list[Prompt], choices: list[Choice]) -> dict:
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    @staticmethod
+    def _stream_options(body: dict) -> tuple[bool, bool]:
+        stream = get_field(body, "stream", bool, False)
+        options = get_field(body, "stream_options", dict, {})
+        return stream, get_field(options, "include_usage", bool, False)
+
+    def _token_text(self, token: int) -> str:
+        """A token's text; one that is not whole UTF-8 (part of a character) is "bytes:\\xe4\\xbd" as OpenAI writes it,
+        so distinct tokens never share a name in the top-logprob dicts."""
+        data = self.tokenizer.decode_bytes([token])
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
+
+    # --- routes ----------------------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions."""
+        body = await self._json_body(request)
+        echo = get_field(body, "echo", bool, False)
+        logprobs = get_field(body, "logprobs", int, None, 0, self.config.max_logprobs)
+        max_tokens = get_field(body, "max_tokens", int, 16, 0 if echo else 1)
+        n = get_field(body, "n", int, 1, 1, self.config.max_n)
+        stream, include_usage = self._stream_options(body)
+        prompts = self._prompts(body)
+        params = self._sampling(body, max(max_tokens, 1), logprobs, logprobs if echo and logprobs is not None else None)
+        for prompt in prompts:
+            self._check_fits(prompt, max(max_tokens, 1))
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        choices = self._choices(response_id, prompts, n, params)
+        head = {"id": response_id, "object": "text_completion", "created": int(time.time()),
+                "model": self.config.served_model_name}
+
+        def piece(choice: Choice, output: RequestOutput) -> dict:
+            """This output's part of a choice: text (the prompt first, with echo) and logprobs."""
+            text, entries = "", []
+            if echo and not choice.started:
+                text = choice.prompt.text
+                scored = output.prompt_logprobs or [None] * len(choice.prompt.ids)
+                for position, (token, scores) in enumerate(zip(choice.prompt.ids, scored)):
+                    data = b"" if position == 0 and choice.prompt.bos_added else self.tokenizer.decode_bytes([token])
+                    entries.append((token, None if scores is None else scores[token], scores, data))
+            if max_tokens > 0:
+                text += output.text
+                for i, token in enumerate(output.new_token_ids):
+                    top = (output.top_logprobs or [None] * len(output.new_token_ids))[i]
+                    logprob = output.logprobs[i] if output.logprobs else None
+                    entries.append((token, logprob, None if top is None else {**top, token: logprob},
+                                    self.tokenizer.decode_bytes([token])))
+                choice.completion_tokens = output.completion_tokens
+            choice.text += text
+            choice.started = True
+            if output.finished:
+                choice.finish_reason = "length" if max_tokens == 0 else output.finish_reason
+            part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for token, logprob, scores, data in entries:
+                part["tokens"].append(self._token_text(token))
+                part["token_logprobs"].append(logprob)
+                part["top_logprobs"].append(None if scores is None else
+                                            {self._token_text(t): lp for t, lp in scores.items()})
+                part["text_offset"].append(choice.num_chars)
+                choice.num_chars += len(choice.decoder.decode(data))
+            return {"text": text, "index": choice.index, "logprobs": part if logprobs is not None else None,
+                    "finish_reason": choice.finish_reason}
+
+        async def chunks(submission: Submission):
+            async for choice, output in submission.outputs():
+                delta = piece(choice, output)
+                if delta["text"] or logprobs is not None or output.finished:
+                    yield {**head, "choices": [delta], **({"usage": None} if include_usage else {})}
+            if include_usage:
+                yield {**head, "choices": [], "usage": self._usage(prompts, choices)}
+
+        parts = {choice.index: [] for choice in choices}
+        submission = Submission(self, choices)
+        try:
+            if stream:
+                return await self._stream(request, chunks(submission))
+            async for choice, output in submission.outputs():
+                parts[choice.index].append(piece(choice, output))
+        finally:
+            submission.close()
+        result = []
+        for choice in choices:
+            merged = None
+            if logprobs is not None:
+                merged = {key: [x for part in parts[choice.index] for x in part["logprobs"][key]]
+                          for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+            result.append({"text": choice.text, "index": choice.index, "logprobs": merged,
+                           "finish_reason": choice.finish_reason})
+        return web.json_response({**head, "choices": result, "usage": self._usage(prompts, choices)})
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        body = await self._json_body(request)
+        prompt = self._chat_prompt(body)
+        want_logprobs = get_field(body, "logprobs", bool, False)
+        top_logprobs = get_field(body, "top_logprobs", int, None, 0, self.config.max_logprobs)
+        if top_logprobs is not None and not want_logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        room = max(self.max_model_len - len(prompt.ids), 1)
+        max_tokens = get_field(body, "max_completion_tokens", int, None, 1)
+        max_tokens = max_tokens or get_field(body, "max_tokens", int, room, 1)
+        n = get_field(body, "n", int, 1, 1, self.config.max_n)
+        stream, include_usage = self._stream_options(body)
+        params = self._sampling(body, max_tokens, (top_logprobs or 0) if want_logprobs else None, None)
+        self._check_fits(prompt, max_tokens)
+        response_id = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = self._choices(response_id, [prompt], n, params)
+        kind = "chat.completion.chunk" if stream else "chat.completion"
+        head = {"id": response_id, "object": kind, "created": int(time.time()), "model": self.config.served_model_name}
+
+        def token_logprobs(output: RequestOutput) -> list[dict]:
+            """OpenAI's per-token logprob entries: token text, its UTF-8 bytes, the top alternatives."""
+            def entry(token, logprob):
+                data = self.tokenizer.decode_bytes([token])
+                return {"token": self._token_text(token), "logprob": logprob, "bytes": list(data)}
+            return [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in sorted(
+                        top.items(), key=lambda item: -item[1])]}
+                    for token, logprob, top in zip(output.new_token_ids, output.logprobs or [],
+                                                   output.top_logprobs or [])]
+
+        def record(choice: Choice, output: RequestOutput) -> list[dict]:
+            choice.text += output.text
+            choice.completion_tokens = output.completion_tokens
+            choice.finish_reason = output.finish_reason if output.finished else None
+            entries = token_logprobs(output) if want_logprobs else []
+            choice.logprobs += entries
+            return entries
+
+        async def chunks(submission: Submission):
+            usage = {"usage": None} if include_usage else {}
+            yield {**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None} for c in choices], **usage}
+            async for choice, output in submission.outputs():
+                entries = record(choice, output)
+                if output.text or entries or output.finished:
+                    yield {**head, "choices": [{
+                        "index": choice.index, "delta": {"content": output.text} if output.text else {},
+                        "logprobs": {"content": entries, "refusal": None} if want_logprobs else None,
+                        "finish_reason": choice.finish_reason}], **usage}
+            if include_usage:
+                yield {**head, "choices": [], "usage": self._usage([prompt], choices)}
+
+        submission = Submission(self, choices)
+        try:
+            if stream:
+                return await self._stream(request, chunks(submission))
+            async for choice, output in submission.outputs():
+                record(choice, output)
+        finally:
+            submission.close()
+        return web.json_response({**head, "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text},
+             "logprobs": {"content": c.logprobs, "refusal": None} if want_logprobs else None,
+             "finish_reason": c.finish_reason} for c in choices], "usage": self._usage([prompt], choices)})
+
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models: the one model served."""
+        return web.json_response({"object": "list", "data": [{
+            "id": self.config.served_model_name, "object": "model", "created": self.created, "owned_by": "nanostack",
+            "max_model_len": self.max_model_len}]})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...]} -> token ids."""
+        body = await self._json_body(request)
+        if "messages" in body:
+            ids = self._chat_prompt(body).ids
+        else:
+            prompt = get_field(body, "prompt", str)
+            if prompt is None:
+                raise ApiError(400, "send 'prompt' (a string) or 'messages'", param="prompt")
+            bos = [self.tokenizer.bos_id] if get_field(body, "add_special_tokens", bool, True) else []
+            ids = bos + self.tokenizer.encode(prompt)
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """POST /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        body = await self._json_body(request)
+        return web.json_response({"prompt": self.tokenizer.decode(self._token_ids(body.get("tokens"), "tokens"))})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """GET /health: 200 while the engine thread runs, 503 after it died."""
+        if self.engine_loop is None or not self.engine_loop.healthy:
+            raise ApiError(503, f"the engine is not running ({self.engine_loop and self.engine_loop.failure})",
+                           code="engine_unavailable")
+        return web.json_response({"status": "ok"})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """GET /metrics in the Prometheus text format."""
+        text = self.metrics.render(self.engine_loop.stats, self.config.served_model_name)
+        return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def chat_page(self, request: web.Request) -> web.FileResponse:
+        """GET /: the chat page."""
+        return web.FileResponse(CHAT_PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+def _event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+SERVER = web.AppKey("server", Server)
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Application:
+    """The aiohttp application serving `engine`; its engine thread starts and stops with the app."""
+    server = Server(engine, config or ServerConfig())
+    app = web.Application(middlewares=[server.middleware], client_max_size=server.config.max_body_bytes)
+    app[SERVER] = server
+    app.on_startup.append(server.start)
+    app.on_shutdown.append(server.drain)
+    app.on_cleanup.append(server.stop)
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_post("/v1/completions", server.completions)
+    app.router.add_post("/v1/chat/completions", server.chat_completions)
+    app.router.add_post("/tokenize", server.tokenize)
+    app.router.add_post("/detokenize", server.detokenize)
+    app.router.add_get("/health", server.health)
+    app.router.add_get("/metrics", server.prometheus)
+    app.router.add_get("/", server.chat_page)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Listen on host:port (0 = any free port); returns the runner (`await runner.cleanup()` shuts down) and port.
+
+    A disconnecting client cancels its handler, which aborts its engine requests; shutdown drains (see drain)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=app[SERVER].config.shutdown_timeout + 5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, runner.addresses[0][1]

@@ -1,0 +1,392 @@
+"""The serving engine: continuous batching over a paged KV cache, one model forward per step.
+
+    engine = Engine.from_checkpoint("out/run")
+    engine.add_request("a", engine.tokenizer.encode("def fib("), SamplingParams(max_tokens=32, temperature=0))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.text, end="")
+
+`step()` is the whole loop body:
+
+    schedule   the scheduler picks this step's chunks: one token per decoding request, prompt chunks for the
+               others, within one token budget (scheduler.py); blocks are allocated, or requests preempted
+    forward    ONE model forward over all those tokens flattened into a single row, K/V written into the
+               paged pools, attention reading each sequence's blocks (GPT.forward_serving in model.py)
+    sample     the rows that ended a sequence's pending tokens get a next token (sampling.py)
+    append     the token joins its sequence; finished requests free their blocks (full ones stay cached)
+    stream     one RequestOutput per request that moved: new token ids, the text they add, logprobs, timings
+
+Text is streamed safely. Token bytes go through an incremental UTF-8 decoder, so a character whose bytes span
+two tokens is held back until it is complete (never emitted as U+FFFD); and the tail of the text that could
+still turn into a stop string is held back until it either does (the stop string is cut, never partly shown)
+or cannot. Concatenating every `text` of a request gives exactly its final text.
+
+The engine is synchronous and single-threaded: api.py runs it on a thread of its own. All timestamps are
+`time.monotonic()` seconds.
+"""
+import codecs
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanostack.model import PagedBatch
+from nanostack.sampling import SamplingParams, make_generator, sample, token_logprobs
+from nanostack.serving.kv_cache import BlockManager, allocate_kv_pools, kv_bytes_per_block, num_blocks_for_budget
+from nanostack.serving.scheduler import Scheduler, SchedulerConfig, Sequence
+
+
+@dataclass
+class EngineConfig:
+    """KV cache size and batch limits. The zeros mean: derive from the model and the other fields."""
+    block_size: int = 16                   # token positions per KV block
+    num_blocks: int = 0                    # KV blocks in the pool; 0 -> from kv_cache_memory
+    kv_cache_memory: int = 0               # bytes for the K/V pools; 0 -> room for max_num_seqs full-length requests
+    max_num_seqs: int = 64                 # requests decoding together at most
+    max_num_batched_tokens: int = 1024     # tokens per forward: decode tokens + chunked prefill
+    max_model_len: int = 0                 # prompt + output tokens per request; 0 -> the model's max_seq_len
+    enable_prefix_caching: bool = True     # reuse the K/V of full blocks shared with earlier requests
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text, and, once finished, why."""
+    request_id: str
+    new_token_ids: list[int]
+    text: str                              # text these tokens add (held-back bytes and stop prefixes excluded)
+    finished: bool
+    finish_reason: str | None = None       # "stop" (stop id or string), "length", "abort" or "error"
+    error: str | None = None
+    logprobs: list[float] | None = None    # of each new token, from the model's distribution
+    top_logprobs: list[dict[int, float]] | None = None  # per new token, its `logprobs` most likely alternatives
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # first output only; None for the first token
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0          # prompt tokens whose K/V came from the prefix cache
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each new token was sampled
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics. Prefix-cache counters are in tokens (see kv_cache.py)."""
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float                  # fraction of KV blocks held by requests
+    num_kv_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prompt_tokens_total: int               # prompt tokens of accepted requests
+    generation_tokens_total: int           # tokens sampled
+    num_preemptions: int
+
+
+@dataclass(eq=False)
+class _Request:
+    """Engine-side state of a request besides its scheduling (sampling, detokenizing, timing)."""
+    seq: Sequence
+    generator: torch.Generator | None
+    stop_ids: set[int]
+    arrival_time: float
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    text: str = ""                         # decoded output so far, cut at a stop string once one matched
+    num_sent_chars: int = 0
+    first_token_time: float | None = None
+    prompt_logprobs: list | None = None    # collected across prefill chunks, sent with the first token
+    prompt_logprobs_sent: bool = False
+
+
+class Engine:
+    """Continuous-batching inference over a paged KV cache; see the module docstring."""
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model.eval(), tokenizer
+        weight = model.tok_emb.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        max_len = config.max_model_len or model.config.max_seq_len
+        if not 2 <= max_len <= model.config.max_seq_len:
+            raise ValueError(f"max_model_len={config.max_model_len} must be in [2, model max_seq_len="
+                             f"{model.config.max_seq_len}] (0 = the model's)")
+        if config.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {config.block_size}")
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
+            BlockManager(self._num_blocks(max_len), config.block_size, config.enable_prefix_caching))
+        self.blocks = self.scheduler.blocks
+        self.k_pools, self.v_pools = allocate_kv_pools(model.config, self.blocks.num_blocks, config.block_size,
+                                                       self.dtype, self.device)
+        self.requests: dict[str, _Request] = {}
+        self.pending_outputs: list[RequestOutput] = []  # aborts and refusals, reported by the next step
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._generate_ids = itertools.count()
+
+    def _num_blocks(self, max_len: int) -> int:
+        """Pool size: explicit, from the memory budget, or room for max_num_seqs full-length requests."""
+        config = self.config
+        if config.num_blocks:
+            return config.num_blocks
+        if config.kv_cache_memory:
+            return num_blocks_for_budget(self.model.config, config.kv_cache_memory, config.block_size, self.dtype)
+        wanted = config.max_num_seqs * math.ceil(max_len / config.block_size)
+        if self.device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+            # Leave room for activations and logits; the rest of the free memory may hold K/V.
+            affordable = int(0.8 * free_bytes) // kv_bytes_per_block(self.model.config, config.block_size, self.dtype)
+            wanted = min(wanted, affordable)
+        return max(wanted, 1)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None, **config_fields) -> "Engine":
+        """An engine over a checkpoint's model and tokenizer; config_fields are EngineConfig fields."""
+        from nanostack.checkpoint import load_checkpoint
+        loaded = load_checkpoint(path, device)
+        model = loaded["model"] if dtype is None else loaded["model"].to(dtype)
+        return cls(model, loaded["tokenizer"], EngineConfig(**config_fields))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Requests in and out
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; a request that can never fit is answered by the next step with reason "error"."""
+        params = params or SamplingParams()
+        vocab = self.model.config.vocab_size
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty; at least one token is needed")
+        if not all(0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"request {request_id!r}: prompt token ids must lie in [0, {vocab}), got "
+                             f"{[t for t in prompt_token_ids if not 0 <= t < vocab][:5]}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"request {request_id!r}: stop strings {params.stop} need an engine with a tokenizer")
+        stop_ids = set(params.stop_token_ids)
+        if self.tokenizer is not None and not params.ignore_eos:
+            stop_ids |= self.tokenizer.stop_ids
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                       reuse_prefix_cache=params.prompt_logprobs is None)
+        request = _Request(seq, make_generator(params.seed, self.device), stop_ids,
+                           time.monotonic() if arrival_time is None else arrival_time,
+                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        error = self.scheduler.add(seq)
+        if error:
+            self.pending_outputs.append(self._output(request, [], "", finish_reason="error", error=error))
+            return
+        self.requests[request_id] = request
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; the next step reports it with reason "abort"."""
+        if self.scheduler.abort(request_id) is None:
+            return False
+        request = self.requests.pop(request_id)
+        self.pending_outputs.append(self._output(request, [], "", finish_reason="abort"))
+        return True
+
+    def has_unfinished(self) -> bool:
+        """True while a request is queued or running, or an output is still to be reported."""
+        return self.scheduler.has_unfinished() or bool(self.pending_outputs)
+
+    def stats(self) -> EngineStats:
+        """Queue lengths, KV usage and token counters now."""
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
+                           self.blocks.num_blocks, self.blocks.prefix_queries, self.blocks.prefix_hits,
+                           self.prompt_tokens_total, self.generation_tokens_total, self.scheduler.num_preemptions)
+
+    # ------------------------------------------------------------------------------------------------------
+    # One step
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward over the whole batch, sample, and report what each request gained."""
+        outputs, self.pending_outputs = self.pending_outputs, []
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return outputs
+        # Prefill chunks first, then single tokens: the two attention paths each take one contiguous slice.
+        chunks.sort(key=lambda c: c.num_tokens == 1)
+        token_ids, batch, sample_rows, prompt_rows = self._prepare(chunks)
+        logits = self.model.forward_serving(token_ids, batch, self.k_pools, self.v_pools)  # (rows, vocab)
+
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.blocks.cache_full_blocks(chunk.seq.request_id, chunk.seq.token_ids, chunk.seq.num_computed_tokens)
+        if prompt_rows:
+            self._record_prompt_logprobs(logits, prompt_rows)
+        if not sample_rows:
+            return outputs
+        requests = [self.requests[chunk.seq.request_id] for chunk, _ in sample_rows]
+        sampled = sample(logits[[row for _, row in sample_rows]], [r.seq.params for r in requests],
+                         [r.generator for r in requests])
+        now = time.monotonic()
+        for i, request in enumerate(requests):
+            outputs.append(self._append_token(request, sampled.token_ids[i], sampled.logprobs[i],
+                                              sampled.top_logprobs[i], now))
+        return outputs
+
+    def _prepare(self, chunks):
+        """Flatten the chunks into one token row plus the PagedBatch that locates it in the KV pools.
+
+        Returns (token_ids, batch, sample_rows [(chunk, logits row)], prompt_rows [(request, logits row, target
+        prompt index)])."""
+        token_ids, positions, slots = [], [], []
+        cu_q, cu_k, key_slots = [0], [0], []
+        block_tables, context_lens = [], []
+        logits_indices, sample_rows, prompt_rows = [], [], []
+        for chunk in chunks:
+            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+            offset = len(token_ids)
+            token_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self.blocks.slot_mapping(seq.request_id, start, end)
+            if chunk.num_tokens > 1:
+                cu_q.append(cu_q[-1] + chunk.num_tokens)
+                cu_k.append(cu_k[-1] + end)
+                key_slots += self.blocks.slot_mapping(seq.request_id, 0, end)
+            else:
+                block_tables.append(self.blocks.block_tables[seq.request_id])
+                context_lens.append(end)
+            request = self.requests[seq.request_id]
+            if request.prompt_logprobs is not None and len(request.prompt_logprobs) < seq.num_prompt_tokens:
+                # Logits at position p score prompt token p + 1; take the ones not recorded yet.
+                for p in range(max(start, len(request.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)):
+                    prompt_rows.append((request, len(logits_indices), p + 1))
+                    logits_indices.append(offset + p - start)
+            if chunk.samples:
+                sample_rows.append((chunk, len(logits_indices)))
+                logits_indices.append(offset + chunk.num_tokens - 1)
+        max_blocks = max((len(t) for t in block_tables), default=0)
+
+        def as_tensor(values, dtype=torch.int32):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        batch = PagedBatch(
+            positions=as_tensor(positions, torch.long), slot_mapping=as_tensor(slots, torch.long),
+            num_prefill_tokens=cu_q[-1], cu_seqlens_q=as_tensor(cu_q), cu_seqlens_k=as_tensor(cu_k),
+            max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:])) if len(cu_q) > 1 else 0,
+            max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:])) if len(cu_k) > 1 else 0,
+            prefill_key_slots=as_tensor(key_slots, torch.long),
+            decode_block_tables=as_tensor([t + [0] * (max_blocks - len(t)) for t in block_tables]
+                                          ).reshape(len(block_tables), max_blocks),
+            decode_context_lens=as_tensor(context_lens), logits_indices=as_tensor(logits_indices, torch.long))
+        return as_tensor(token_ids, torch.long), batch, sample_rows, prompt_rows
+
+    def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
+        """Score the prompt tokens these logits predict: {token: logprob} with the request's top alternatives."""
+        rows = [row for _, row, _ in prompt_rows]
+        targets = torch.tensor([r.seq.token_ids[j] for r, _, j in prompt_rows], device=logits.device)
+        chosen, tops = token_logprobs(logits[rows], targets, [r.seq.params.prompt_logprobs for r, _, _ in prompt_rows])
+        for (request, _, j), logprob, top in zip(prompt_rows, chosen, tops):
+            request.prompt_logprobs.append({**top, request.seq.token_ids[j]: logprob})
+
+    # ------------------------------------------------------------------------------------------------------
+    # Appending a token: finish detection and streamed text
+
+    def _append_token(self, request: _Request, token: int, logprob, top_logprobs, now: float) -> RequestOutput:
+        """Add a sampled token, decide whether the request is done, and build its output for this step."""
+        seq, params = request.seq, request.seq.params
+        seq.token_ids.append(token)
+        self.generation_tokens_total += 1
+        request.first_token_time = request.first_token_time or now
+        finish_reason, stop_string_found = None, False
+        if token in request.stop_ids:
+            finish_reason = "stop"  # the stop token's own text is not part of the output
+        elif self.tokenizer is not None:
+            old_len = len(request.text)
+            # A model may have more rows than the tokenizer has tokens (padded vocab); those ids have no text.
+            token_bytes = self.tokenizer.decode_bytes([token]) if token < self.tokenizer.vocab_size else b""
+            request.text += request.decoder.decode(token_bytes)
+            stop_string_found = bool(params.stop) and self._cut_at_stop_string(request, old_len)
+            finish_reason = "stop" if stop_string_found else None
+        if finish_reason is None and (seq.num_output_tokens >= params.max_tokens
+                                      or len(seq.token_ids) >= self.scheduler.config.max_model_len):
+            finish_reason = "length"
+        if finish_reason is not None:
+            if not stop_string_found:  # (after a stop string, everything held back is cut anyway)
+                request.text += request.decoder.decode(b"", final=True)  # an unfinished character becomes U+FFFD
+            end = len(request.text)
+            self.scheduler.finish(seq)
+            del self.requests[seq.request_id]
+        else:
+            end = len(request.text) - self._stop_prefix_len(request.text, params.stop)
+        delta = request.text[request.num_sent_chars:max(end, request.num_sent_chars)]
+        request.num_sent_chars += len(delta)
+        return self._output(request, [token], delta, finish_reason=finish_reason, token_time=now,
+                            logprobs=None if logprob is None else [logprob],
+                            top_logprobs=None if top_logprobs is None else [top_logprobs])
+
+    @staticmethod
+    def _cut_at_stop_string(request: _Request, old_len: int) -> bool:
+        """If a stop string now occurs in the text, cut the text where the earliest one starts."""
+        stops = request.seq.params.stop
+        search_from = max(0, old_len - max(len(s) for s in stops) + 1)  # any match ends in the new characters
+        found = [i for i in (request.text.find(s, search_from) for s in stops) if i >= 0]
+        if found:
+            request.text = request.text[:min(found)]
+        return bool(found)
+
+    @staticmethod
+    def _stop_prefix_len(text: str, stops: list[str]) -> int:
+        """Length of the longest end of text that begins some stop string (it must be held back)."""
+        for length in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+            if any(s.startswith(text[-length:]) for s in stops):
+                return length
+        return 0
+
+    def _output(self, request: _Request, token_ids, text, *, finish_reason=None, error=None, token_time=None,
+                logprobs=None, top_logprobs=None) -> RequestOutput:
+        """A RequestOutput with the request's usage and timing; prompt logprobs ride on its first output."""
+        seq = request.seq
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None and not request.prompt_logprobs_sent and token_ids:
+            prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
+        return RequestOutput(
+            seq.request_id, token_ids, text, finished=finish_reason is not None, finish_reason=finish_reason,
+            error=error, logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+            prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
+            cached_prompt_tokens=seq.num_cached_prompt_tokens or 0, arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time, token_times=[token_time] if token_time is not None else [])
+
+    # ------------------------------------------------------------------------------------------------------
+    # Offline use
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (strings, with a tokenizer, or token id lists) to completion; one merged output each."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; pass one or one each")
+        request_ids = []
+        for prompt, prompt_params in zip(prompts, params_list):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need an engine with a tokenizer; pass token id lists instead")
+                prompt = self.tokenizer.encode(prompt)
+            request_ids.append(f"generate-{next(self._generate_ids)}")
+            self.add_request(request_ids[-1], prompt, prompt_params)
+        pieces: dict[str, list[RequestOutput]] = {rid: [] for rid in request_ids}
+        while any(not p or not p[-1].finished for p in pieces.values()):
+            if not self.has_unfinished():
+                raise RuntimeError("the engine went idle with requests of generate() unfinished")
+            for out in self.step():
+                if out.request_id in pieces:
+                    pieces[out.request_id].append(out)
+        return [merge_outputs(pieces[rid]) for rid in request_ids]
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """One output holding a request's successive outputs together (tokens, text, logprobs, times)."""
+    last = outputs[-1]
+    def joined(name):
+        parts = [getattr(o, name) for o in outputs if getattr(o, name) is not None]
+        return [x for part in parts for x in part] if parts else None
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return RequestOutput(
+        last.request_id, joined("new_token_ids"), "".join(o.text for o in outputs), last.finished,
+        last.finish_reason, last.error, joined("logprobs"), joined("top_logprobs"), prompt_logprobs,
+        last.prompt_tokens, last.completion_tokens, last.cached_prompt_tokens, last.arrival_time,
+        last.first_token_time, joined("token_times") or [])

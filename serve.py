@@ -1,0 +1,98 @@
+"""Serve a checkpoint over an OpenAI-compatible HTTP API (nanostack/serving/api.py) with a chat page at /.
+
+    python serve.py                                   # the newest of out/sft, out/dpo, out/pretrain
+    python serve.py --model out/sft --port 8000 --api-key secret
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "what does json.dumps do?"}]}'
+
+Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")`. SIGTERM or Ctrl-C stops
+accepting requests, lets those in flight finish for up to --shutdown-timeout seconds, aborts the rest and exits 0.
+Every flag is listed by `--help`: where to listen, the API's limits, and the engine's batch and KV-cache sizes.
+"""
+import argparse
+import asyncio
+import dataclasses
+import errno
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+from nanostack.checkpoint import CheckpointError, resolve_checkpoint
+from nanostack.cli import add_dataclass_args, dataclass_from_args
+from nanostack.serving.api import ServerConfig, create_app, start_server
+from nanostack.serving.engine import Engine, EngineConfig
+from nanostack.training import compute_dtype, resolve_device
+
+DEFAULT_MODELS = ("out/sft", "out/dpo", "out/pretrain")
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""                 # checkpoint or run directory; empty = the newest of out/sft, out/dpo, out/pretrain
+    host: str = "127.0.0.1"         # address to listen on (0.0.0.0: every interface)
+    port: int = 8000                # TCP port to listen on
+    device: str = "auto"            # auto (CUDA when present), cpu, cuda, cuda:1, ...
+    dtype: str = "auto"             # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
+
+
+def default_model() -> str:
+    """The most recently written checkpoint among DEFAULT_MODELS."""
+    found = []
+    for run in DEFAULT_MODELS:
+        try:
+            found.append(((resolve_checkpoint(run) / "config.json").stat().st_mtime, run))
+        except (CheckpointError, OSError):
+            continue
+    if not found:
+        raise CheckpointError(f"no checkpoint in {', '.join(DEFAULT_MODELS)}: run `python train.py` first "
+                              "or pass --model DIR")
+    return max(found)[1]
+
+
+async def serve(app, host: str, port: int) -> int:
+    """Listen until SIGTERM or SIGINT, then shut down gracefully (see api.Server.drain)."""
+    try:
+        runner, port = await start_server(app, host, port)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            print(f"error: port {port} on {host} is already in use (another server?): stop it or choose another "
+                  f"port with --port", file=sys.stderr)
+            return 1
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    print(f"listening on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
+    await stop.wait()
+    print("shutting down: finishing the requests in flight", flush=True)
+    await runner.cleanup()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, ServeConfig, "model and address")
+    add_dataclass_args(parser, ServerConfig, "API limits")
+    add_dataclass_args(parser, EngineConfig, "engine (batching and KV cache)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = dataclass_from_args(ServeConfig, args)
+    server_config = dataclass_from_args(ServerConfig, args)
+    engine_config = dataclass_from_args(EngineConfig, args)
+
+    model = config.model or default_model()
+    device = resolve_device(config.device)
+    engine = Engine.from_checkpoint(model, device, compute_dtype(config.dtype, device),
+                                    **dataclasses.asdict(engine_config))
+    print(f"serving {resolve_checkpoint(model)} as '{server_config.served_model_name}' on {device}: "
+          f"{engine.model.num_params():,} parameters, {engine.blocks.num_blocks} KV blocks of "
+          f"{engine.config.block_size} tokens, max_model_len {engine.scheduler.config.max_model_len}", flush=True)
+    return asyncio.run(serve(create_app(engine, server_config), config.host, config.port))
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, CheckpointError) as e:
+        sys.exit(f"error: {e}")

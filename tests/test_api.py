@@ -1,0 +1,721 @@
+"""OpenAI-compatible server (serving/api.py, serve.py) on 127.0.0.1, checked against independent references:
+texts and logprobs against a full-recompute forward of the same model, the official `openai` client for the
+shapes, 64 concurrent streams against the same requests served alone, hypothesis-made hostile bodies, disconnects,
+engine death, shutdown, /metrics counters against what was sent, and the chat page in headless Chromium."""
+import asyncio
+import concurrent.futures
+import json
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nanostack.checkpoint import load_checkpoint, save_checkpoint
+from nanostack.model import GPT, ModelConfig
+from nanostack.serving.api import SERVER, ServerConfig, create_app, start_server
+from nanostack.serving.engine import Engine, EngineConfig
+from nanostack.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_SEQ_LEN = 160
+CORPUS = ("The quick brown fox jumps over the lazy dog. def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+          "what does json.dumps do? Serialize obj to a JSON formatted str. Grüße! 你好，世界。 🙂🚀\n") * 4
+LIMITS = ServerConfig(max_body_bytes=64 * 1024, max_waiting=64, max_n=4, max_logprobs=5, max_stop=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: threads only contend.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train([CORPUS], vocab_size=320, num_workers=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tokenizer, tmp_path_factory):
+    """A random model with sharpened weights (peaky attention, separated logits) so greedy choices do not hinge on
+    rounding differences between batched paged attention and the full forward."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         max_seq_len=MAX_SEQ_LEN)
+    model = GPT(config).float()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("wq.weight", "wk.weight")):
+                param.mul_(10)
+            elif name == "lm_head.weight":
+                param.mul_(25)
+    return save_checkpoint(tmp_path_factory.mktemp("api") / "ckpt", model.state_dict(), config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):
+    return load_checkpoint(checkpoint_dir)["model"].eval()
+
+
+class LiveServer:
+    """The app on 127.0.0.1 (any free port), its event loop on a background thread, for synchronous clients."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.app = engine, create_app(engine, config)
+        self.server = self.app[SERVER]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner, port = self.call(start_server(self.app, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{port}"
+
+    def call(self, coroutine, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self):
+        self.call(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def client(self, api_key="unused"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def live(model, tokenizer):
+    server = LiveServer(Engine(model, tokenizer, EngineConfig(max_num_seqs=64)), LIMITS)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_live(model, tokenizer):
+    """Fresh servers with their own engine, for tests that patch the engine or need exact counters."""
+    servers = []
+
+    def make(config=LIMITS, **engine_fields):
+        servers.append(LiveServer(Engine(model, tokenizer, EngineConfig(**engine_fields)), config))
+        return servers[-1]
+    yield make
+    for server in servers:
+        server.close()
+
+
+def slow_steps(engine: Engine, seconds: float) -> None:
+    """Make each engine step take `seconds` longer, so a request is surely still running when the test acts."""
+    step = engine.step
+    engine.step = lambda: (time.sleep(seconds), step())[1]
+
+
+def post(url: str, body, headers=None, timeout=30):
+    """POST JSON (or raw bytes) -> (status, headers, parsed JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read())
+
+
+def wait_until(condition, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def assert_openai_error(status, body, expected_status=None):
+    assert 400 <= status < 600 and (expected_status is None or status == expected_status), (status, body)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# References: the model's plain forward over the whole sequence
+
+@torch.no_grad()
+def reference_logprobs(model, ids) -> torch.Tensor:
+    """log_softmax of the full forward in float64: row p scores the token at position p + 1. (T, vocab)"""
+    return torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+
+
+@torch.no_grad()
+def reference_greedy(model, ids, max_tokens, stop_ids=()) -> list[int]:
+    """Full recompute, argmax, append: the obviously correct greedy decoder."""
+    ids, out = list(ids), []
+    while len(out) < max_tokens and len(ids) < MAX_SEQ_LEN:
+        out.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        ids.append(out[-1])
+        if out[-1] in stop_ids:
+            break
+    return out
+
+
+def token_name(tokenizer, token: int) -> str:
+    """How OpenAI names a token in logprobs: its text, or "bytes:\\x.." when it is not whole UTF-8."""
+    data = tokenizer.decode_bytes([token])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def expected_text(tokenizer, tokens) -> tuple[str, str]:
+    """(text, finish_reason) of greedy tokens: a trailing stop token ends the text and is not part of it."""
+    stopped = bool(tokens) and tokens[-1] in tokenizer.stop_ids
+    text = tokenizer.decode_bytes(tokens[:-1] if stopped else tokens).decode("utf-8", "replace")
+    return text, "stop" if stopped else "length"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The official client: completions and chat, streaming or not, usage, n > 1, logprobs
+
+def test_completions_match_full_recompute(live, model, tokenizer):
+    client, prompt = live.client(), "def fib(n):"
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    tokens = reference_greedy(model, ids, 12, tokenizer.stop_ids)
+    text, finish = expected_text(tokenizer, tokens)
+    reference = reference_logprobs(model, ids + tokens)
+
+    result = client.completions.create(model="nanostack", prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
+    assert result.object == "text_completion" and result.id.startswith("cmpl-") and result.model == "nanostack"
+    choice = result.choices[0]
+    assert (choice.index, choice.text, choice.finish_reason) == (0, text, finish)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(ids), len(tokens))
+    assert result.usage.total_tokens == len(ids) + len(tokens)
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [token_name(tokenizer, t) for t in tokens]
+    for i, token in enumerate(tokens):
+        assert logprobs.token_logprobs[i] == pytest.approx(reference[len(ids) - 1 + i, token].item(), abs=1e-4)
+        top = logprobs.top_logprobs[i]
+        assert 3 <= len(top) <= 4 and max(top.values()) == pytest.approx(logprobs.token_logprobs[i])  # greedy: top-1
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+
+    pieces, usage, finishes = [], None, []
+    for chunk in client.completions.create(model="nanostack", prompt=prompt, max_tokens=12, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}):
+        pieces += [c.text for c in chunk.choices]
+        finishes += [c.finish_reason for c in chunk.choices if c.finish_reason]
+        usage = chunk.usage or usage
+        assert chunk.usage is None or not chunk.choices  # usage only on the final, choice-less chunk
+    assert "".join(pieces) == text and finishes == [finish] and usage == result.usage
+
+
+def test_echo_logprobs_score_the_prompt(live, model, tokenizer):
+    """lm-eval's log-likelihood request: echo + logprobs + max_tokens 0 returns the prompt's own logprobs."""
+    client = live.client()
+    prompt_ids = [[5, 77, 140, 33, 200, 9], [tokenizer.bos_id] + tokenizer.encode("fib(n - 1)")]
+    result = client.completions.create(model="nanostack", prompt=prompt_ids, echo=True, max_tokens=0, logprobs=1,
+                                       temperature=0)
+    assert result.usage.completion_tokens == 0 and result.usage.prompt_tokens == sum(map(len, prompt_ids))
+    for ids, choice in zip(prompt_ids, result.choices):
+        reference = reference_logprobs(model, ids)
+        assert choice.text == tokenizer.decode(ids) and choice.finish_reason == "length"
+        assert choice.logprobs.tokens == [token_name(tokenizer, t) for t in ids]
+        assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+        for j in range(1, len(ids)):
+            assert choice.logprobs.token_logprobs[j] == pytest.approx(reference[j - 1, ids[j]].item(), abs=1e-4)
+            assert len(choice.logprobs.top_logprobs[j]) in (1, 2)  # the top 1 plus the prompt's own token
+
+    # A string prompt gets <|bos|> (no text of its own), then its tokens at their character offsets; generated
+    # tokens follow the echoed prompt.
+    prompt = "def fib(n): return n"
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    tokens = reference_greedy(model, ids, 3, tokenizer.stop_ids)
+    reference = reference_logprobs(model, ids + tokens)
+    choice = client.completions.create(model="nanostack", prompt=prompt, echo=True, max_tokens=3, logprobs=0,
+                                       temperature=0).choices[0]
+    assert choice.text == prompt + expected_text(tokenizer, tokens)[0]
+    assert choice.logprobs.tokens[0] == "<|bos|>" and choice.logprobs.token_logprobs[0] is None
+    lengths = [len(tokenizer.decode([t])) for t in ids[1:]]  # the prompt is ASCII: every token decodes alone
+    assert choice.logprobs.text_offset[:len(ids)] == [0] + [sum(lengths[:i]) for i in range(len(lengths))]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [reference[p - 1, t].item() for p, t in enumerate(ids + tokens) if p], abs=1e-4)
+
+
+def test_chat_matches_full_recompute(live, model, tokenizer):
+    client = live.client()
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "what does json.dumps do?"}]
+    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+    tokens = reference_greedy(model, ids, 10, tokenizer.stop_ids)
+    text, finish = expected_text(tokenizer, tokens)
+    reference = reference_logprobs(model, ids + tokens)
+
+    result = client.chat.completions.create(model="nanostack", messages=messages, max_completion_tokens=10,
+                                            temperature=0, logprobs=True, top_logprobs=2)
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    choice = result.choices[0]
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", text, finish)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (len(ids), len(tokens))
+    assert len(choice.logprobs.content) == len(tokens)
+    for i, (token, entry) in enumerate(zip(tokens, choice.logprobs.content)):
+        assert bytes(entry.bytes) == tokenizer.decode_bytes([token])
+        assert entry.logprob == pytest.approx(reference[len(ids) - 1 + i, token].item(), abs=1e-4)
+        alternatives = [alt.logprob for alt in entry.top_logprobs]
+        assert len(alternatives) == 2 and alternatives == sorted(alternatives, reverse=True)
+        assert alternatives[0] == pytest.approx(entry.logprob)  # greedy picked the most likely token
+
+    chunks = list(client.chat.completions.create(model="nanostack", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [finish]
+    assert chunks[-1].choices == [] and chunks[-1].usage == result.usage
+
+
+def test_n_choices_and_seeds(live, tokenizer):
+    client = live.client()
+    request = dict(model="nanostack", prompt="The quick", max_tokens=6, temperature=1.0, seed=7,
+                   extra_body={"ignore_eos": True})
+    result = client.completions.create(n=3, **request)
+    assert [c.index for c in result.choices] == [0, 1, 2] and result.usage.completion_tokens == 18
+    assert result.usage.prompt_tokens == 1 + len(tokenizer.encode("The quick"))  # counted once, not per choice
+    again = client.completions.create(n=3, **request)
+    assert [c.text for c in again.choices] == [c.text for c in result.choices]  # seeded: reproducible
+    # Choice j samples with seed + j, whatever else shares the batch.
+    assert client.completions.create(**{**request, "seed": 9}).choices[0].text == result.choices[2].text
+
+    seen = {0: [], 1: []}
+    for chunk in client.chat.completions.create(model="nanostack", messages=[{"role": "user", "content": "hi"}], n=2,
+                                                max_tokens=5, temperature=0.8, stream=True):
+        for choice in chunk.choices:
+            seen[choice.index].append(choice)
+    for choices in seen.values():
+        assert choices[0].delta.role == "assistant" and choices[-1].finish_reason in ("stop", "length")
+
+
+def test_tokenize_detokenize_models(live, tokenizer):
+    status, _, body = post(live.url + "/tokenize", {"prompt": "def fib(n):"})
+    assert status == 200 and body["tokens"] == [tokenizer.bos_id] + tokenizer.encode("def fib(n):")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == MAX_SEQ_LEN
+    _, _, body = post(live.url + "/tokenize", {"prompt": "def", "add_special_tokens": False})
+    assert body["tokens"] == tokenizer.encode("def")
+    messages = [{"role": "user", "content": "hi"}]
+    _, _, body = post(live.url + "/tokenize", {"messages": messages})
+    assert body["tokens"] == tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+    ids = tokenizer.encode("Grüße aus Köln!")
+    assert post(live.url + "/detokenize", {"tokens": ids})[2] == {"prompt": "Grüße aus Köln!"}
+    assert [m.id for m in live.client().models.list().data] == ["nanostack"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Concurrency: 64 streams at once give what each gives alone
+
+async def stream_completion(session, url, body) -> tuple[str, list[str]]:
+    """POST a streaming completion; returns (concatenated text, finish reasons), checking the SSE framing."""
+    async with session.post(url + "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status == 200 and response.content_type == "text/event-stream"
+        events = (await response.text()).split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert all(event.startswith("data: {") for event in events[:-2])
+    return "".join(c["choices"][0]["text"] for c in chunks), [c["choices"][0]["finish_reason"] for c in chunks]
+
+
+def test_concurrent_streams_equal_alone(live, tokenizer):
+    rng = random.Random(0)
+    bodies = [{"prompt": [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(3, 40))],
+               "max_tokens": rng.randint(4, 24), "temperature": 0, "ignore_eos": True} for _ in range(64)]
+
+    async def run(concurrently: bool):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            if concurrently:
+                return await asyncio.gather(*(stream_completion(session, live.url, b) for b in bodies))
+            return [await stream_completion(session, live.url, b) for b in bodies]
+    together, alone = asyncio.run(run(True)), asyncio.run(run(False))
+    assert together == alone
+    assert all(finishes[-1] == "length" and finishes.count("length") == 1 for _, finishes in together)
+    wait_until(lambda: live.server.engine_loop.stats.kv_cache_usage == 0, what="KV blocks freed")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hostile input: always a 4xx JSON error, and the server keeps serving
+
+def _not(*values):
+    return st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3),
+                     st.integers(), max_size=2), *values)
+
+
+NOT_BOOL = _not(st.integers(), st.floats(allow_nan=False))
+NOT_INT = _not(st.booleans(), st.floats(allow_nan=False).filter(lambda x: x != int(x) if abs(x) < 1e300 else True))
+BAD_FIELDS = {
+    "max_tokens": st.one_of(NOT_INT, st.integers(max_value=0), st.integers(min_value=MAX_SEQ_LEN)),
+    "temperature": st.one_of(_not(st.booleans()), st.floats(max_value=-1e-6)),
+    "top_p": st.one_of(_not(st.booleans()), st.floats(max_value=0), st.floats(min_value=1.0001, allow_infinity=False)),
+    "top_k": st.one_of(NOT_INT, st.integers(max_value=-1)),
+    "min_p": st.one_of(_not(st.booleans()), st.floats(max_value=-1e-6), st.floats(min_value=1.0001, max_value=1e9)),
+    "n": st.one_of(NOT_INT, st.integers(max_value=0), st.integers(min_value=LIMITS.max_n + 1)),
+    "seed": st.one_of(NOT_INT, st.integers(min_value=2**63), st.integers(max_value=-2**63 - 1)),
+    "stop": st.one_of(st.just(""), st.lists(st.just(""), min_size=1, max_size=2), st.integers(),
+                      st.lists(st.text(min_size=1), min_size=LIMITS.max_stop + 1, max_size=8),
+                      st.lists(st.integers(), min_size=1, max_size=3)),
+    "model": st.text(max_size=20).filter(lambda name: name != "nanostack"),
+    "stream": NOT_BOOL, "ignore_eos": NOT_BOOL,
+    "stream_options": st.one_of(st.integers(), st.text(max_size=3), st.fixed_dictionaries({"include_usage": NOT_BOOL})),
+}
+COMPLETION_FIELDS = {
+    **BAD_FIELDS, "echo": NOT_BOOL,
+    "logprobs": st.one_of(NOT_INT, st.integers(max_value=-1), st.integers(min_value=LIMITS.max_logprobs + 1)),
+    "prompt": st.one_of(st.integers(), st.just([]), st.just([[]]), st.lists(st.integers(max_value=-1), min_size=1),
+                        st.lists(st.integers(min_value=320), min_size=1, max_size=3), st.just([[1, "a"]]),
+                        st.lists(st.integers(0, 300), min_size=MAX_SEQ_LEN, max_size=MAX_SEQ_LEN + 5),
+                        st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+                        st.lists(st.booleans(), min_size=1, max_size=3)),
+}
+MESSAGES = st.one_of(st.just([]), st.text(max_size=5), st.lists(st.integers(), min_size=1, max_size=2),
+                     st.lists(st.fixed_dictionaries({"role": st.text(max_size=8).filter(
+                         lambda r: r not in ("system", "developer", "user", "assistant")), "content": st.just("hi")}),
+                         min_size=1, max_size=2),
+                     st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": st.one_of(
+                         st.integers(), st.lists(st.integers(), min_size=1, max_size=2),
+                         st.just([{"type": "image_url", "image_url": {"url": "x"}}]))}), min_size=1, max_size=2))
+CHAT_FIELDS = {
+    **BAD_FIELDS, "logprobs": NOT_BOOL, "messages": MESSAGES,
+    "max_completion_tokens": st.one_of(NOT_INT, st.integers(max_value=0), st.integers(min_value=MAX_SEQ_LEN)),
+    "top_logprobs": st.one_of(NOT_INT, st.integers(max_value=-1), st.integers(min_value=LIMITS.max_logprobs + 1)),
+}
+VALID = {"/v1/completions": {"prompt": "hi", "max_tokens": 2}, "/tokenize": {"prompt": "hi"},
+         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
+FIELDS = {"/v1/completions": COMPLETION_FIELDS, "/v1/chat/completions": CHAT_FIELDS,
+          "/tokenize": {"prompt": st.one_of(st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2)),
+                        "add_special_tokens": NOT_BOOL, "messages": MESSAGES,
+                        "model": BAD_FIELDS["model"]}}
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                           lambda children: st.lists(children, max_size=3), max_leaves=8)
+
+
+@st.composite
+def hostile_requests(draw) -> tuple[str, bytes]:
+    """A route and a body it must reject: a valid body with one field made wrong, or something not a request."""
+    path = draw(st.sampled_from([*VALID, "/detokenize"]))
+    kind = draw(st.sampled_from(["field", "field", "field", "not_object", "garbage", "missing"]))
+    if kind == "field" and path in FIELDS:
+        name = draw(st.sampled_from(sorted(FIELDS[path])))
+        return path, json.dumps({**VALID[path], name: draw(FIELDS[path][name])}).encode()
+    if kind == "field":  # /detokenize
+        bad_ids = st.one_of(st.just([]), st.lists(st.integers(min_value=320), min_size=1, max_size=3),
+                            st.lists(st.integers(max_value=-1), min_size=1, max_size=3), st.text(max_size=5),
+                            st.booleans(), st.lists(st.text(max_size=2), min_size=1, max_size=2))
+        return path, json.dumps({"tokens": draw(bad_ids)}).encode()
+    if kind == "not_object":
+        return path, json.dumps(draw(JSON_VALUES)).encode()
+    if kind == "missing":  # an object without the one required field
+        return path, json.dumps(draw(st.dictionaries(st.sampled_from(["max_tokens", "n", "x", "stream"]),
+                                                     st.integers(1, 3), max_size=3))).encode()
+    garbage = draw(st.one_of(st.binary(max_size=40), st.sampled_from([b"", b"{", b'{"prompt": NaN}', b"[" * 100000,
+                                                                       b'{"prompt": "hi", "temperature": Infinity}'])))
+    try:
+        parsed = json.loads(garbage)
+    except (ValueError, RecursionError):
+        parsed = None
+    if isinstance(parsed, dict) and any(key in parsed for key in ("prompt", "messages", "tokens")):
+        garbage = b"{" + garbage
+    return path, garbage
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(request=hostile_requests())
+def test_hostile_bodies_get_4xx_json(live, request):
+    path, body = request
+    status, _, answer = post(live.url + path, body)
+    assert_openai_error(status, answer)
+    assert status < 500, answer
+
+
+def test_server_serves_after_hostile_bodies_and_frees_blocks(live):
+    assert post(live.url + "/v1/completions", b"[" * 60000)[0] == 400  # deeply nested: RecursionError, caught
+    status, _, body = post(live.url + "/v1/completions", {"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+    assert post(live.url + "/health", b"")[0] == 405  # GET only, answered as JSON
+    with urllib.request.urlopen(live.url + "/health", timeout=10) as response:
+        assert response.status == 200
+    wait_until(lambda: live.server.engine_loop.stats.kv_cache_usage == 0 == live.server.engine_loop.stats.num_running,
+               what="KV blocks freed")
+
+
+def test_limits_and_status_codes(live, make_live, tokenizer):
+    url = live.url + "/v1/completions"
+    status, _, body = post(url, {"prompt": "hi", "max_tokens": 2, "user": "u", "presence_penalty": 0.5, "extra": [1]})
+    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 2  # unknown fields are ignored
+    status, _, body = post(url, b'{"prompt": "' + b"x" * LIMITS.max_body_bytes + b'"}')
+    assert_openai_error(status, body, 413)
+    status, _, body = post(url, {"model": "gpt-4", "prompt": "hi"})
+    assert_openai_error(status, body, 404) and body["error"]["code"] == "model_not_found"
+    status, _, body = post(url, {"prompt": list(range(150)), "max_tokens": 20})
+    assert_openai_error(status, body, 400)
+    assert body["error"]["code"] == "context_length_exceeded" and "160" in body["error"]["message"]
+    status, _, body = post(live.url + "/v1/nothing", {})
+    assert_openai_error(status, body, 404)
+
+    keyed = make_live(ServerConfig(api_key="secret"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret"}):
+        status, _, body = post(keyed.url + "/v1/completions", {"prompt": "hi"}, headers)
+        assert_openai_error(status, body, 401)
+    with pytest.raises(openai.AuthenticationError):
+        keyed.client("wrong").models.list()
+    assert keyed.client("secret").completions.create(model="nanostack", prompt="hi", max_tokens=2).usage
+    with urllib.request.urlopen(keyed.url + "/health", timeout=10) as response:  # health needs no key
+        assert response.status == 200
+
+
+def test_full_queue_gets_429(make_live):
+    live = make_live(ServerConfig(max_waiting=1), max_num_seqs=2, max_num_batched_tokens=64)
+    gate, step = threading.Event(), live.engine.step
+    live.engine.step = lambda: (gate.wait(), step())[1]  # hold the engine until the queue is full
+    body = {"prompt": "hi", "max_tokens": 3}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        admitted = [pool.submit(post, live.url + "/v1/completions", body) for _ in range(3)]
+        wait_until(lambda: live.server.active == 3, what="three requests in flight")
+        status, headers, answer = post(live.url + "/v1/completions", body)
+        assert_openai_error(status, answer, 429)
+        assert headers["Retry-After"] == "1"
+        gate.set()
+        assert [future.result(timeout=30)[0] for future in admitted] == [200] * 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Lifetimes: disconnects, engine death, shutdown
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(make_live):
+    live = make_live()
+    slow_steps(live.engine, 0.02)  # 140 tokens take seconds: the request is running when the client leaves
+
+    async def read_two_chunks_then_leave():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(live.url + "/v1/completions", json={
+                    "prompt": "hi", "max_tokens": 140, "ignore_eos": True, "stream": True}) as response:
+                assert (await response.content.readuntil(b"\n\n")).startswith(b"data: {")
+                await response.content.readuntil(b"\n\n")
+                assert live.server.engine_loop.stats.kv_cache_usage > 0
+                response.close()  # drops the connection mid-stream
+    asyncio.run(read_two_chunks_then_leave())
+    stats = lambda: live.server.engine_loop.stats  # noqa: E731
+    wait_until(lambda: stats().kv_cache_usage == 0 and stats().num_running == 0, timeout=10, what="blocks freed")
+    assert live.server.metrics.finished["abort"] == 1 and live.server.metrics.finished["length"] == 0
+    assert stats().generation_tokens_total < 140
+
+
+def test_engine_death_fails_requests_instead_of_hanging(make_live):
+    live = make_live()
+
+    def broken_step():
+        raise RuntimeError("simulated device failure")
+    live.engine.step = broken_step
+    status, _, body = post(live.url + "/v1/completions", {"prompt": "hi"}, timeout=10)
+    assert_openai_error(status, body, 500)
+    assert "simulated device failure" in body["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        urllib.request.urlopen(live.url + "/health", timeout=10)
+    assert failed.value.code == 503
+    status, _, body = post(live.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                               "stream": True}, timeout=10)
+    assert_openai_error(status, body, 503)
+
+
+def test_shutdown_aborts_requests_after_the_timeout(make_live):
+    live = make_live(ServerConfig(shutdown_timeout=0.5))
+    slow_steps(live.engine, 0.05)  # 140 tokens would take 7 s
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, live.url + "/v1/completions", {"prompt": "hi", "max_tokens": 140,
+                                                                  "ignore_eos": True})
+        wait_until(lambda: live.server.engine_loop.stats.num_running == 1, what="the request running")
+        start = time.monotonic()
+        live.call(live.runner.cleanup())
+        assert time.monotonic() - start < 3.0
+        status, _, body = pending.result(timeout=10)
+    assert_openai_error(status, body, 503)
+    assert body["error"]["code"] == "aborted" and live.server.active == 0
+
+
+@pytest.mark.slow
+def test_serve_py_sigterm_drains_and_exits_0(checkpoint_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(ROOT / "serve.py"), "--model", str(checkpoint_dir), "--port", str(port),
+               "--device", "cpu", "--shutdown-timeout", "10"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _is_up(port) or process.poll() is not None, timeout=90, what="serve.py listening")
+        assert process.poll() is None, process.stdout.read()
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert second.returncode == 1
+        message = second.stderr.strip()
+        assert "\n" not in message and "already in use" in message and "--port" in message
+
+        events = []
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps({
+            "prompt": "hi", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            events.append(response.readline())
+            process.send_signal(signal.SIGTERM)  # in flight: the server must finish this stream, then exit
+            events += response.read().split(b"\n\n")
+        assert process.wait(timeout=15) == 0
+        assert events[-2:] == [b"data: [DONE]", b""]
+        assert json.loads(events[-3].removeprefix(b"data: "))["choices"][0]["finish_reason"] == "length"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def _is_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# /metrics: strict Prometheus text, counters equal to what was sent
+
+LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+SAMPLE = re.compile(rf'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{{(?P<labels>{LABEL}(?:,{LABEL})*)\}} '
+                    r'(?P<value>[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|Inf))$')
+COMMENT = re.compile(r"^# (?:HELP (?P<help>[a-zA-Z_:][a-zA-Z0-9_:]*) .+|TYPE (?P<type>[a-zA-Z_:][a-zA-Z0-9_:]*) "
+                     r"(?P<kind>counter|gauge|histogram))$")
+
+
+def parse_prometheus(text: str) -> dict:
+    """{(name, frozenset of label pairs): value}; every line must be a HELP, TYPE or sample of a declared family."""
+    assert text.endswith("\n")
+    families, samples = {}, {}
+    for line in text.splitlines():
+        comment, sample = COMMENT.match(line), SAMPLE.match(line)
+        assert comment or sample, f"not Prometheus text: {line!r}"
+        if comment and comment["type"]:
+            families[comment["type"]] = comment["kind"]
+        elif sample:
+            name = sample["name"]
+            family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
+            assert family in families, f"{name} has no # TYPE line before it"
+            labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', sample["labels"]))
+            assert (name, labels) not in samples, f"duplicate sample {line!r}"
+            samples[name, labels] = float(sample["value"])
+    return samples
+
+
+def test_metrics_count_what_was_sent(make_live, tokenizer):
+    live = make_live()
+    rng = random.Random(1)
+    shared = [rng.randrange(300) for _ in range(40)]  # sent twice: the second time 32 tokens (2 blocks) are cached
+    requests = [(shared, 4), ([rng.randrange(300) for _ in range(7)], 5), (shared, 6)]
+    for prompt, max_tokens in requests:
+        status, _, _ = post(live.url + "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
+                                                           "ignore_eos": True, "temperature": 0})
+        assert status == 200
+    messages = [{"role": "user", "content": "hi"}]
+    status, _, _ = post(live.url + "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "ignore_eos": True})
+    assert status == 200
+    chat_ids = tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+    wait_until(lambda: live.server.engine_loop.stats.kv_cache_usage == 0, what="blocks freed")
+
+    with urllib.request.urlopen(live.url + "/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        samples = parse_prometheus(response.read().decode())
+    model = ("model_name", "nanostack")
+
+    def value(name, **labels):
+        return samples[f"nanostack:{name}", frozenset([model, *labels.items()])]
+    num_requests, lengths = 4, [4, 5, 6, 3]
+    assert value("prompt_tokens_total") == sum(len(p) for p, _ in requests) + len(chat_ids)
+    assert value("generation_tokens_total") == sum(lengths)
+    assert value("requests_finished_total", finish_reason="length") == num_requests
+    assert value("requests_finished_total", finish_reason="abort") == 0
+    assert value("prefix_cache_hits_total") == 32
+    assert value("prefix_cache_queries_total") == sum(len(p) for p, _ in requests) + len(chat_ids)
+    assert value("num_requests_running") == value("num_requests_waiting") == value("kv_cache_usage_ratio") == 0
+    for name, count in (("time_to_first_token_seconds", num_requests), ("e2e_request_latency_seconds", num_requests),
+                        ("inter_token_latency_seconds", sum(n - 1 for n in lengths))):
+        buckets = sorted((float(dict(labels)["le"]), v) for (sample, labels), v in samples.items()
+                         if sample == f"nanostack:{name}_bucket")
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+        assert buckets[-1] == (float("inf"), count) and value(f"{name}_count") == count
+        assert value(f"{name}_sum") > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The chat page in headless Chromium
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+async def run_page(url: str, timeout: float = 60.0) -> dict:
+    """Open url in headless Chromium over the DevTools protocol; wait until the page's reply is done."""
+    with tempfile.TemporaryDirectory() as profile:
+        browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                    f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            deadline = time.monotonic() + timeout
+            while not (port_file.exists() and port_file.read_text().strip()):
+                assert time.monotonic() < deadline and browser.poll() is None, "Chromium did not start"
+                await asyncio.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+                    page = next(t for t in await response.json() if t["type"] == "page")
+                async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                    ids = iter(range(1, 1_000_000))
+
+                    async def call(method, **params):
+                        message_id = next(ids)
+                        await ws.send_json({"id": message_id, "method": method, "params": params})
+                        while True:
+                            message = await ws.receive_json(timeout=timeout)
+                            if message.get("id") == message_id:
+                                return message.get("result", {})
+                    await call("Page.navigate", url=url)
+                    probe = ("JSON.stringify({state: document.body && document.body.dataset.state, replies: "
+                             "[...document.querySelectorAll('#log > div')].map(d => [d.className, d.textContent, "
+                             "d.dataset.chunks])})")
+                    while time.monotonic() < deadline:
+                        result = await call("Runtime.evaluate", expression=probe, returnByValue=True)
+                        state = json.loads(result["result"]["value"])
+                        if state["state"] in ("done", "error"):
+                            return state
+                        await asyncio.sleep(0.1)
+                    raise AssertionError(f"the page did not finish: {state}")
+        finally:
+            browser.terminate()
+            browser.wait(10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (Debian: apt-get install -y chromium)")
+def test_chat_page_streams_in_headless_chromium(live):
+    messages = [{"role": "user", "content": "what does json.dumps do?"}]
+    status, _, expected = post(live.url + "/v1/chat/completions", {"messages": messages, "max_tokens": 8,
+                                                                  "temperature": 0})
+    assert status == 200
+    state = asyncio.run(run_page(live.url + "/?" + urllib.parse.urlencode(
+        {"prompt": messages[0]["content"], "max_tokens": 8, "temperature": 0})))
+    assert state["state"] == "done", state
+    (user_class, user_text, _), (reply_class, reply_text, chunks) = state["replies"]
+    assert (user_class, user_text) == ("user", messages[0]["content"])
+    assert reply_class == "assistant" and reply_text == expected["choices"][0]["message"]["content"]
+    assert int(chunks) > 2  # the reply arrived as a stream of events, not in one piece
