@@ -29,7 +29,7 @@ class PretrainConfig:
     tokenizer_max_mb: float = 8.0   # megabytes of corpus text used to train the tokenizer
     data_dir: str = ""              # token shards; empty = out/data/<source name>
     val_fraction: float = 0.02      # share of documents held out for validation (split by document)
-    depth: int = 4                  # model size dial: width = 64 * depth, heads of 64 dims, lr scaled to match
+    depth: int = 3                  # model size dial: width = 64 * depth, heads of 64 dims, lr scaled to match
     seq_len: int = 256              # tokens per training sequence (the model's context length)
     eval_batches: int = 16          # validation batches per evaluation
     sample_tokens: int = 48         # tokens in each printed sample

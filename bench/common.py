@@ -18,11 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 
 
-def device_name(device: str = "cpu") -> str:
-    """The CPU model for "cpu", else the accelerator's name as torch reports it."""
-    if device != "cpu":
+def device_name(device="cpu") -> str:
+    """The CPU model for "cpu", the GPU's name for "cuda[:N]" (a str or torch.device), else the device."""
+    device = str(device)
+    if device.startswith("cuda"):
         import torch
         return torch.cuda.get_device_name(torch.device(device))
+    if device != "cpu":
+        return device
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -50,7 +53,7 @@ def _git_commit() -> str | None:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def environment(device: str = "cpu") -> dict:
+def environment(device="cpu") -> dict:
     """Where and how a benchmark ran."""
     return {
         "device": device_name(device),
@@ -67,9 +70,9 @@ def environment(device: str = "cpu") -> dict:
     }
 
 
-def device_tag(device: str = "cpu") -> str:
+def device_tag(device="cpu") -> str:
     """Short file-name tag: "cpu", or the accelerator's name as a slug ("nvidia-h100-80gb-hbm3")."""
-    return "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return "cpu" if str(device) == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
 def print_table(rows: list[dict], title: str | None = None) -> None:
@@ -95,7 +98,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def write_result(name: str, results: dict, device: str = "cpu") -> Path:
+def write_result(name: str, results: dict, device="cpu") -> Path:
     """Write {"benchmark", "environment", **results} to bench/results/<name>-<device tag>.json."""
     path = RESULTS_DIR / f"{name}-{device_tag(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -228,6 +228,11 @@ def load_checkpoint(path, device="cpu", *, verify: bool = True) -> dict:
     if verify:
         verify_manifest(directory)
     config, raw = read_config(directory)
+    if raw.get("quantization"):
+        quantization = raw["quantization"]
+        raise CheckpointError(f"{directory} holds an int8-quantized model (mode {quantization.get('mode')}): serve it "
+                              f"(python serve.py --model {directory}) but train or fine-tune its full-precision "
+                              f"source instead ({quantization.get('source')})")
     if not (directory / "model.safetensors").exists():
         raise CheckpointError(f"{directory} holds sharded weights only (shards/); consolidate them with "
                               f"`python -m nanostack.distributed consolidate {directory}`")

@@ -1,0 +1,539 @@
+"""INT8 quantization of a trained GPT: weight-only (W8A16) and weights + activations (W8A8), with SmoothQuant.
+
+An int8 tensor stores each row as 8-bit integers plus one float scale: q = round(w / s), s = max|w_row| / 127,
+so w ~ q * s with an error of at most s / 2 per element (symmetric: no zero point, since weights and
+activations are roughly centred on zero). Weights get one scale per output channel (row of the (out, in)
+nn.Linear weight), so one large row does not coarsen the others.
+
+W8A16 ("int8-wo", weight-only). Weights are int8, activations stay in fp16/bf16/fp32. Decoding a few tokens
+at a time is bound by reading the weights from memory, so halving their bytes nearly halves the time; the
+kernel widens int8 tiles to the activation dtype in registers and applies the per-channel scale once per
+output. Quality is almost free: the only error is the weight rounding.
+
+W8A8 ("w8a8"). Activations are quantized too, per token (one scale per row of x, computed on the fly, hence
+"dynamic"), so the matmul runs int8 x int8 -> int32 on integer tensor cores at twice the bf16 rate, and both
+scales are applied in the epilogue. The catch is activation outliers: LLM activations have a few channels
+(columns of x) that are 10-100x larger than the rest in every token. A per-token scale is set by the outlier,
+and all the ordinary channels of that token round to a handful of levels.
+
+SmoothQuant (Xiao et al. 2022) moves that difficulty from activations to weights, where it is harmless.
+For a linear y = X W^T and any positive per-input-channel vector s, y = (X / s)(W * s)^T exactly. Choosing
+
+    s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
+
+shrinks outlier channels of X and grows the matching columns of W; alpha = 0.5 balances the two ranges.
+max|X_j| is measured on a few calibration batches with forward hooks. The division X / s is free when it
+can be folded into whatever produced X:
+
+    q/k/v     read attn_norm's output: divide the RMSNorm weight by s (one s shared by wq, wk, wv)
+    gate/up   read mlp_norm's output: the same (the MoE router and every expert read it too)
+    wo        reads softmax-weighted sums of v's rows, so scaling v's output channels passes straight
+              through attention: divide wv's rows by s. With grouped-query attention the query heads of
+              one group read the same v channels, so s is shared across the group.
+    w_down    (dense MLP) reads silu(gate) * up, linear in up: divide w_up's rows by s. MoE experts are
+              not smoothed here: their hidden activations are only seen inside the expert loop.
+
+So every smoothed linear is folded into weights and no extra multiply runs at inference. Dividing rows of
+wv or w_up by s does not change their own int8 error: their per-output-channel scales absorb it.
+
+What stays high precision (`skip`, default tok_emb, lm_head, router): the embedding is a table lookup (no
+matmul to speed up); the LM head's logits feed the sampler directly and it is one layer, so it is kept; the
+MoE router is tiny and its top-k choice flips on small logit differences. MoE experts ARE quantized: they
+hold most of an MoE model's weights, and each expert is an ordinary SwiGLU over its tokens.
+
+On CUDA the linears call the Triton kernels in kernels/int8_matmul.py; elsewhere their plain-torch
+references. A quantized checkpoint stores int8 weights + fp32 scales (smoothing already folded) and a
+"quantization" entry in config.json; `load_quantized` rebuilds it, `load_for_serving` takes either kind.
+
+    python -m nanostack.quant --model out/pretrain --mode w8a8 --out out/w8a8 --report true
+"""
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from kernels.int8_matmul import (int8_matmul, int8_matmul_reference, int8_weight_only_matmul,
+                                 int8_weight_only_matmul_reference, quantize_per_row)
+from nanostack import checkpoint, data
+from nanostack.cli import add_dataclass_args, dataclass_from_args
+from nanostack.model import GPT, MLP, Experts
+from nanostack.tokenizer import Tokenizer
+from nanostack.training import bits_per_byte, resolve_device
+
+MODES = ("int8-wo", "w8a8")
+DEFAULT_SKIP = ("tok_emb", "lm_head", "router")
+# Floor for max|X_j| and max|W_:,j| in the SmoothQuant formula: a channel that is never active gets a finite s.
+SMOOTH_EPS = 1e-5
+# The Triton kernels run on CUDA. On CPU the plain-torch references run, even under TRITON_INTERPRET=1, where
+# the kernel module would interpret Triton in numpy (far too slow for a whole model). Tests set this to True
+# to send the CPU path through the interpreted kernels.
+KERNELS_ON_CPU = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Int8 tensors and linears
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight (..., out, in) -> (int8 (..., out, in), fp32 scale (..., out))."""
+    return quantize_per_row(weight.detach())
+
+
+def dequantize(weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float tensor an int8 tensor stands for: q * scale per row, in fp32."""
+    return weight_int8.float() * scale.float()[..., None]
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda or KERNELS_ON_CPU
+
+
+def weight_only_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A16: x (..., in) @ (weight_int8 (out, in) * scale[:, None]).T -> (..., out) in x.dtype."""
+    matmul = int8_weight_only_matmul if _use_kernels(x) else int8_weight_only_matmul_reference
+    out = matmul(x.reshape(-1, x.shape[-1]), weight_int8, scale)  # (tokens, out)
+    return out.view(*x.shape[:-1], weight_int8.shape[0])
+
+
+def w8a8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8: quantize x (..., in) per token, int8 x int8 matmul, both scales applied to the int32 sums."""
+    x_int8, x_scale = quantize_per_row(x.reshape(-1, x.shape[-1]))  # (tokens, in), (tokens,)
+    matmul = int8_matmul if _use_kernels(x) else int8_matmul_reference
+    out = matmul(x_int8, weight_int8, x_scale, scale, out_dtype=x.dtype)  # (tokens, out)
+    return out.view(*x.shape[:-1], weight_int8.shape[0])
+
+
+LINEAR_FUNCTIONS = {"int8-wo": weight_only_linear, "w8a8": w8a8_linear}
+
+
+def _register_int8_weight(module: nn.Module, in_features: int, out_features: int) -> None:
+    module.in_features, module.out_features = in_features, out_features
+    module.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+    module.register_buffer("weight_scale", torch.zeros(out_features))
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """W8A16 stand-in for a bias-free nn.Linear: int8 (out, in) weight, one fp scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        _register_int8_weight(self, in_features, out_features)
+
+    def forward(self, x):
+        return weight_only_linear(x, self.weight_int8, self.weight_scale)
+
+
+class W8A8Linear(nn.Module):
+    """W8A8 stand-in for a bias-free nn.Linear: the same stored weight, activations quantized per token."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        _register_int8_weight(self, in_features, out_features)
+
+    def forward(self, x):
+        return w8a8_linear(x, self.weight_int8, self.weight_scale)
+
+
+LINEAR_CLASSES = {"int8-wo": Int8WeightOnlyLinear, "w8a8": W8A8Linear}
+
+
+def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
+    """An Int8WeightOnlyLinear ("int8-wo") or W8A8Linear ("w8a8") holding linear's weight in int8."""
+    if linear.bias is not None:
+        raise ValueError(f"{linear} has a bias; nanostack's int8 linears (like its model) have none")
+    module = LINEAR_CLASSES[mode](linear.in_features, linear.out_features).to(linear.weight.device)
+    module.weight_int8, module.weight_scale = quantize_weight(linear.weight)
+    return module
+
+
+class SwiGLUMLP(nn.Module):
+    """Dense SwiGLU that calls its three linears as modules, so int8 linears can stand in for them
+    (model.MLP hands their `.weight`s to F.linear, which an int8 module does not have)."""
+
+    def __init__(self, w_gate: nn.Module, w_up: nn.Module, w_down: nn.Module):
+        super().__init__()
+        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class QuantizedExperts(nn.Module):
+    """model.Experts with int8 (n_expert, out, in) weights and (n_expert, out) scales; same dispatch interface."""
+
+    MATRICES = ("w_gate", "w_up", "w_down")
+
+    def __init__(self, n_expert: int, n_embd: int, hidden: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        shapes = {"w_gate": (hidden, n_embd), "w_up": (hidden, n_embd), "w_down": (n_embd, hidden)}
+        for name, (out_features, in_features) in shapes.items():
+            self.register_buffer(f"{name}_int8", torch.zeros(n_expert, out_features, in_features, dtype=torch.int8))
+            self.register_buffer(f"{name}_scale", torch.zeros(n_expert, out_features))
+
+    @classmethod
+    def from_experts(cls, experts: Experts, mode: str) -> "QuantizedExperts":
+        """Quantize every expert's matrices per output channel."""
+        n_expert, hidden, n_embd = experts.w_gate.shape
+        module = cls(n_expert, n_embd, hidden, mode).to(experts.w_gate.device)
+        for name in cls.MATRICES:
+            weight_int8, scale = quantize_weight(getattr(experts, name))
+            setattr(module, f"{name}_int8", weight_int8)
+            setattr(module, f"{name}_scale", scale)
+        return module
+
+    def forward(self, x_sorted, tokens_per_expert: list[int]):
+        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd)."""
+        linear = LINEAR_FUNCTIONS[self.mode]
+        outputs = []
+        for e, chunk in enumerate(x_sorted.split(tokens_per_expert)):
+            gate = linear(chunk, self.w_gate_int8[e], self.w_gate_scale[e])
+            up = linear(chunk, self.w_up_int8[e], self.w_up_scale[e])
+            outputs.append(linear(F.silu(gate) * up, self.w_down_int8[e], self.w_down_scale[e]))
+        return torch.cat(outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SmoothQuant calibration and folding
+
+def _absmax_per_channel(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over every dim but the last, in at least fp32: (..., C) -> (C,)."""
+    return x.detach().abs().reshape(-1, x.shape[-1]).amax(0).to(torch.promote_types(x.dtype, torch.float32))
+
+
+@torch.no_grad()
+def activation_absmax(model: GPT, batches) -> dict[str, torch.Tensor]:
+    """Per-channel max |activation| over `batches` (token ids (B, T), or (inputs, targets) pairs) at every
+    smoothable input: "layers.{i}.attn_norm" / ".mlp_norm" outputs, ".attn.wo" inputs, and for dense MLPs
+    ".mlp.w_down" inputs (the SwiGLU hidden, recomputed from mlp_norm's output since MLP bypasses w_down's hook)."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def record(name, x):
+        absmax = _absmax_per_channel(x)
+        stats[name] = torch.maximum(stats[name], absmax) if name in stats else absmax
+
+    def record_mlp_norm(prefix, mlp):
+        def hook(module, inputs, output):
+            record(f"{prefix}.mlp_norm", output)
+            if isinstance(mlp, MLP):
+                hidden = F.silu(F.linear(output, mlp.w_gate.weight)) * F.linear(output, mlp.w_up.weight)
+                record(f"{prefix}.mlp.w_down", hidden)
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        prefix = f"layers.{i}"
+        hooks += [
+            layer.attn_norm.register_forward_hook(lambda m, inp, out, p=prefix: record(f"{p}.attn_norm", out)),
+            layer.attn.wo.register_forward_pre_hook(lambda m, inp, p=prefix: record(f"{p}.attn.wo", inp[0])),
+            layer.mlp_norm.register_forward_hook(record_mlp_norm(prefix, layer.mlp)),
+        ]
+    try:
+        for batch in batches:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(inputs.to(model.tok_emb.weight.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not stats:
+        raise ValueError("calibration_batches is empty: SmoothQuant needs at least one batch of token ids")
+    return stats
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha), both maxima floored at SMOOTH_EPS."""
+    return act_absmax.clamp(min=SMOOTH_EPS).pow(alpha) / weight_absmax.clamp(min=SMOOTH_EPS).pow(1 - alpha)
+
+
+def _input_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
+    """max |W_:,j| per input channel j over several (..., out, in) weights that read the same input."""
+    return torch.stack([_absmax_per_channel(w) for w in weights]).amax(0)
+
+
+def _fold_into_norm(norm: nn.Module, readers: list[torch.Tensor], act_absmax: torch.Tensor, alpha: float) -> None:
+    """X / s folded into the RMSNorm weight, W * s into the columns of every weight that reads its output."""
+    s = smoothing_scales(act_absmax, _input_absmax(readers), alpha)  # (n_embd,)
+    norm.weight.div_(s.to(norm.weight.dtype))
+    for weight in readers:
+        weight.mul_(s.to(weight.dtype))
+
+
+@torch.no_grad()
+def smooth_model(model: GPT, calibration_batches, alpha: float) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant scales into the weights in place (the model's function is unchanged up to rounding);
+    returns the activation maxima it calibrated on. See the module docstring for where each s goes."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"smooth_alpha={alpha}; expected a migration strength in (0, 1], e.g. 0.5")
+    act = activation_absmax(model, calibration_batches)
+    config = model.config
+    group = config.n_head // config.n_kv_head
+    for i, layer in enumerate(model.layers):
+        attn, mlp, prefix = layer.attn, layer.mlp, f"layers.{i}"
+        # Row folds first: they change wv's and w_up's columns, which the norm folds below then measure.
+        # wo's input channel (head h, dim d) is a mix of v channel (h // group, d): one s per kv channel.
+        kv_shape = (config.n_kv_head, group, config.head_dim)
+        wo_act = act[f"{prefix}.attn.wo"].view(kv_shape).amax(1)  # (n_kv_head, head_dim)
+        wo_weight = _input_absmax([attn.wo.weight]).view(kv_shape).amax(1)
+        s = smoothing_scales(wo_act, wo_weight, alpha)  # (n_kv_head, head_dim)
+        attn.wv.weight.div_(s.reshape(-1, 1).to(attn.wv.weight.dtype))
+        attn.wo.weight.mul_(s[:, None, :].expand(kv_shape).reshape(-1).to(attn.wo.weight.dtype))
+        if isinstance(mlp, MLP):
+            s = smoothing_scales(act[f"{prefix}.mlp.w_down"], _input_absmax([mlp.w_down.weight]), alpha)  # (hidden,)
+            mlp.w_up.weight.div_(s[:, None].to(mlp.w_up.weight.dtype))
+            mlp.w_down.weight.mul_(s.to(mlp.w_down.weight.dtype))
+
+        _fold_into_norm(layer.attn_norm, [attn.wq.weight, attn.wk.weight, attn.wv.weight],
+                        act[f"{prefix}.attn_norm"], alpha)
+        if isinstance(mlp, MLP):
+            mlp_readers = [mlp.w_gate.weight, mlp.w_up.weight]
+        else:
+            mlp_readers = [mlp.router.weight, mlp.experts.w_gate, mlp.experts.w_up]
+        _fold_into_norm(layer.mlp_norm, mlp_readers, act[f"{prefix}.mlp_norm"], alpha)
+    return act
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole models
+
+def is_skipped(name: str, skip) -> bool:
+    """Whether module `name` stays high precision: a skip entry is its full name, a prefix of it ("layers.0")
+    or one of its dotted parts ("wo", "router", "experts")."""
+    return any(name == entry or name.startswith(entry + ".") or entry in name.split(".") for entry in skip)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: float | None = None,
+                   calibration_batches=None) -> GPT:
+    """Swap the model's linears (and MoE experts) for int8 ones in place, except modules matched by `skip`.
+
+    mode "int8-wo" (W8A16) or "w8a8"; for w8a8, `smooth_alpha` first folds SmoothQuant scales calibrated on
+    `calibration_batches` (token ids (B, T) or (inputs, targets) pairs from the training corpus).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.quantization}); start from full precision")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    names = [name for name, _ in model.named_modules()]
+    unknown = [entry for entry in skip if entry not in DEFAULT_SKIP and not any(is_skipped(n, [entry]) for n in names)]
+    if unknown:
+        raise ValueError(f"skip entries {unknown} match no module; use names such as {DEFAULT_SKIP}, 'wo', "
+                         f"'experts' or 'layers.0'")
+    if smooth_alpha is not None:
+        if mode != "w8a8":
+            raise ValueError(f"smooth_alpha={smooth_alpha} applies to w8a8 only: {mode} keeps activations in "
+                             "high precision, so there is nothing to smooth")
+        if calibration_batches is None:
+            raise ValueError("smooth_alpha needs calibration_batches (a few batches of the training corpus)")
+        smooth_model(model, calibration_batches, smooth_alpha)
+
+    for name, module in list(model.named_modules()):
+        if is_skipped(name, skip):
+            continue
+        if isinstance(module, nn.Linear):
+            _set_module(model, name, quantize_linear(module, mode))
+        elif isinstance(module, Experts):
+            _set_module(model, name, QuantizedExperts.from_experts(module, mode))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MLP):
+            _set_module(model, name, SwiGLUMLP(module.w_gate, module.w_up, module.w_down))
+    model.quantization = {"mode": mode, "skip": list(skip), "smooth_alpha": smooth_alpha}
+    return model
+
+
+def weight_bytes(model: nn.Module, float_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the model's saved tensors with every floating one (scales, norms, kept layers) in float_dtype."""
+    float_size = torch.finfo(float_dtype).bits // 8
+    tensors = checkpoint.unique_tensors(model.state_dict())
+    return sum(t.numel() * (float_size if t.is_floating_point() else t.element_size()) for t in tensors.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantized checkpoints
+
+def save_quantized(model: GPT, tokenizer: Tokenizer, directory, *, source: str | None = None) -> Path:
+    """Write a quantized model as a checkpoint: int8 weights + scales, the mode in config.json["quantization"]."""
+    info = getattr(model, "quantization", None)
+    if not info:
+        raise ValueError("the model is not quantized; call quantize_model first (or checkpoint.save_checkpoint)")
+    return checkpoint.save_checkpoint(directory, model.state_dict(), model.config, tokenizer,
+                                      extra_config={"quantization": {**info, "source": source}})
+
+
+def load_quantized(path, device="cpu") -> dict:
+    """Rebuild a quantized checkpoint: {"model", "config", "raw_config", "tokenizer", "directory"}."""
+    directory = checkpoint.resolve_checkpoint(path)
+    checkpoint.verify_manifest(directory)
+    config, raw = checkpoint.read_config(directory)
+    info = raw.get("quantization")
+    if not info:
+        raise checkpoint.CheckpointError(f"{directory} is not a quantized checkpoint (no 'quantization' in "
+                                         "config.json); load it with checkpoint.load_checkpoint")
+    model = GPT(config)
+    # Same structure as when it was saved; the int8 values computed from these random weights are then replaced.
+    quantize_model(model, info["mode"], skip=tuple(info["skip"]))
+    model.quantization["smooth_alpha"] = info.get("smooth_alpha")
+    checkpoint.load_weights(model, load_file(directory / "model.safetensors"))
+    model.to(device)
+    return {"model": model, "config": config, "raw_config": raw, "directory": directory,
+            "tokenizer": Tokenizer.load(directory / raw.get("tokenizer", "tokenizer.json"))}
+
+
+def load_for_serving(path, device="cpu") -> dict:
+    """Load a plain or a quantized checkpoint for inference; same keys as `load_quantized`."""
+    _, raw = checkpoint.read_config(path)
+    if raw.get("quantization"):
+        return load_quantized(path, device)
+    loaded = checkpoint.load_checkpoint(path, device)
+    return {key: loaded[key] for key in ("model", "config", "raw_config", "directory", "tokenizer")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quality report
+
+def calibration_batches_from(shards, num_batches: int, batch_size: int, seq_len: int, seed: int = 0) -> list:
+    """num_batches random (inputs, targets) windows of the training split for calibration."""
+    loader = data.BatchLoader(shards, batch_size, seq_len, seed=seed)
+    return [loader.next_batch() for _ in range(num_batches)]
+
+
+@torch.no_grad()
+def evaluate(model, batches: list, token_bytes: torch.Tensor, reference_top1: list | None = None) -> dict:
+    """Loss, bits per byte and perplexity on `batches`, top-1 agreement with `reference_top1`, and "top1",
+    the model's own argmax per position (B, T) per batch, for later comparisons."""
+    top1 = []
+
+    def forward_keeping_argmax(inputs):
+        logits = model(inputs)
+        top1.append(logits.argmax(-1))
+        return logits
+
+    metrics = bits_per_byte(forward_keeping_argmax, batches, token_bytes)
+    metrics["perplexity"] = math.exp(metrics["loss"])
+    if reference_top1 is not None:
+        agree = sum((mine == theirs).sum().item() for mine, theirs in zip(top1, reference_top1))
+        metrics["top1_agreement"] = agree / sum(t.numel() for t in top1)
+    metrics["top1"] = top1
+    return metrics
+
+
+def copy_model(model: GPT) -> GPT:
+    """A separate full-precision GPT with the same weights, dtype and device (deepcopy trips over MoE's graph)."""
+    twin = GPT(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin.to(model.tok_emb.weight)
+
+
+def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: int = 16, batch_size: int = 8,
+                   seq_len: int = 0, calibration_batches: int = 8, smooth_alpha: float = 0.5,
+                   skip=DEFAULT_SKIP) -> dict:
+    """Full precision vs W8A16 vs W8A8 vs W8A8 + SmoothQuant on the val split of data_dir: bits per byte,
+    perplexity, top-1 agreement with full precision, weight bytes and their ratio to bf16 bytes."""
+    device = model.tok_emb.weight.device
+    seq_len = seq_len or model.config.max_seq_len
+    val = list(data.eval_batches(data.TokenShards(data_dir, "val", tokenizer), batch_size, seq_len, eval_batches))
+    calibration = calibration_batches_from(data.TokenShards(data_dir, "train", tokenizer), calibration_batches,
+                                           batch_size, seq_len)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    bf16_bytes = weight_bytes(model)
+    variants = {"full precision": None, "int8-wo": dict(mode="int8-wo"), "w8a8": dict(mode="w8a8"),
+                f"w8a8+smoothquant({smooth_alpha:g})": dict(mode="w8a8", smooth_alpha=smooth_alpha,
+                                                             calibration_batches=calibration)}
+    rows, reference_top1 = [], None
+    for name, settings in variants.items():
+        variant = model if settings is None else quantize_model(copy_model(model), skip=skip, **settings)
+        metrics = evaluate(variant.eval(), val, token_bytes, reference_top1)
+        if reference_top1 is None:
+            reference_top1 = metrics["top1"]
+        variant_bytes = weight_bytes(variant)
+        rows.append({"variant": name, "bpb": metrics["bpb"], "perplexity": metrics["perplexity"],
+                     "loss": metrics["loss"], "top1_agreement": metrics.get("top1_agreement", 1.0),
+                     "weight_bytes": variant_bytes, "vs_bf16_bytes": variant_bytes / bf16_bytes})
+    full = rows[0]["bpb"]
+    for row in rows:
+        row["bpb_increase"] = row["bpb"] / full - 1
+    return {"data_dir": str(data_dir), "eval_tokens": sum(x.numel() for x, _ in val), "seq_len": seq_len,
+            "calibration_batches": calibration_batches, "skip": list(skip), "bf16_weight_bytes": bf16_bytes,
+            "rows": rows}
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Rows of {column: value} as an aligned text table (floats to 4 significant digits)."""
+    columns = list(rows[0])
+    cells = [[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in cells])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+@dataclass
+class QuantConfig:
+    model: str = "out/pretrain"     # full-precision checkpoint (or run) directory to quantize
+    mode: str = "int8-wo"           # int8-wo (W8A16: int8 weights) | w8a8 (int8 weights and activations)
+    out: str = ""                   # output checkpoint directory; empty = out/quant-<mode>
+    smooth_alpha: float = 0.5       # w8a8 only: SmoothQuant migration strength in (0, 1]; 0 = no smoothing
+    calibration_batches: int = 8    # training-split batches for SmoothQuant activation statistics
+    keep_high_precision: str = ",".join(DEFAULT_SKIP)  # comma-separated modules left unquantized
+    data_dir: str = "out/data/stdlib"  # token shards the model was trained on (calibration and --report)
+    batch_size: int = 8             # sequences per calibration / evaluation batch
+    seq_len: int = 0                # tokens per sequence; 0 = the model's max_seq_len
+    report: bool = False            # also compare full precision, W8A16, W8A8, W8A8+SmoothQuant on the val split
+    eval_batches: int = 16          # --report: validation batches per variant
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, QuantConfig)
+    config = dataclass_from_args(QuantConfig, parser.parse_args(argv))
+    if config.mode not in MODES:
+        raise ValueError(f"--mode {config.mode!r}; expected one of {MODES}")
+    if config.smooth_alpha < 0:
+        raise ValueError(f"--smooth-alpha {config.smooth_alpha}; expected 0 (off) or a value in (0, 1]")
+    skip = tuple(entry for entry in config.keep_high_precision.split(",") if entry)
+    loaded = checkpoint.load_checkpoint(config.model, resolve_device(config.device))
+    model, tokenizer = loaded["model"].eval(), loaded["tokenizer"]
+    seq_len = config.seq_len or model.config.max_seq_len
+    smooth_alpha = config.smooth_alpha if config.mode == "w8a8" and config.smooth_alpha > 0 else None
+
+    if config.report:
+        report = quality_report(model, tokenizer, config.data_dir, eval_batches=config.eval_batches,
+                                batch_size=config.batch_size, seq_len=seq_len,
+                                calibration_batches=config.calibration_batches,
+                                smooth_alpha=config.smooth_alpha or 0.5, skip=skip)
+    calibration = None
+    if smooth_alpha is not None:
+        shards = data.TokenShards(config.data_dir, "train", tokenizer)
+        calibration = calibration_batches_from(shards, config.calibration_batches, config.batch_size, seq_len)
+    bf16_bytes = weight_bytes(model)
+    quantize_model(model, config.mode, skip=skip, smooth_alpha=smooth_alpha, calibration_batches=calibration)
+    out = Path(config.out or f"out/quant-{config.mode}")
+    save_quantized(model, tokenizer, out, source=str(loaded["directory"]))
+    print(f"{config.mode}: {weight_bytes(model) / 1e6:.2f} MB of weights ({weight_bytes(model) / bf16_bytes:.2f}x "
+          f"the bf16 {bf16_bytes / 1e6:.2f} MB); quantized checkpoint in {out}")
+    if config.report:
+        report.update(model=str(loaded["directory"]), quantized_checkpoint=str(out))
+        print(format_rows([{k: v for k, v in row.items() if k != "loss"} for row in report["rows"]]))
+        (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out / 'quant_report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, checkpoint.CheckpointError) as e:
+        sys.exit(f"error: {e}")
