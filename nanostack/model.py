@@ -33,20 +33,20 @@ USE_FLASH_KERNEL = True
 @dataclass
 class ModelConfig:
     """Shape of the model. `mlp_hidden=0` is replaced by the derived width, so a saved config is explicit."""
-    vocab_size: int = 8192
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4          # grouped-query attention: must divide n_head
-    n_embd: int = 256           # head_dim = n_embd // n_head
-    mlp_hidden: int = 0         # 0 -> derived: ~8/3 * n_embd rounded up to a multiple of 64
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    n_expert: int = 0           # 0 = dense SwiGLU MLP; >0 = Mixture-of-Experts MLP in every block
-    n_expert_active: int = 2    # top-k experts per token
-    moe_aux_loss_coef: float = 0.01
-    moe_z_loss_coef: float = 0.001
+    vocab_size: int = 8192          # token ids the embedding and LM head cover (the tokenizer's vocab_size)
+    n_layer: int = 4                # transformer blocks
+    n_head: int = 4                 # query heads per attention layer
+    n_kv_head: int = 4              # key/value heads (grouped-query attention): must divide n_head
+    n_embd: int = 256               # residual width; head_dim = n_embd // n_head
+    mlp_hidden: int = 0             # SwiGLU hidden width; 0 = ~8/3 * n_embd rounded up to a multiple of 64
+    max_seq_len: int = 512          # longest sequence (RoPE tables and KV caches are sized for it)
+    rope_theta: float = 10000.0     # RoPE base: larger stretches the positions a rotation period covers
+    norm_eps: float = 1e-5          # RMSNorm epsilon
+    tie_embeddings: bool = False    # share the token embedding with the LM head
+    n_expert: int = 0               # 0 = dense SwiGLU MLP; >0 = Mixture-of-Experts MLP in every block
+    n_expert_active: int = 2        # experts each token is routed to (top-k)
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (keeps experts evenly used)
+    moe_z_loss_coef: float = 0.001  # weight of the router z-loss (keeps router logits small and stable)
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):

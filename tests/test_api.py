@@ -28,47 +28,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanostack.checkpoint import load_checkpoint, save_checkpoint
-from nanostack.model import GPT, ModelConfig
 from nanostack.serving.api import SERVER, ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
-from nanostack.tokenizer import Tokenizer
 
+# conftest.py: `tokenizer` (tiny BPE), `sharpened_model` (fixed-seed random GPT factory), `one_thread`.
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SEQ_LEN = 160
-CORPUS = ("The quick brown fox jumps over the lazy dog. def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
-          "what does json.dumps do? Serialize obj to a JSON formatted str. Grüße! 你好，世界。 🙂🚀\n") * 4
 LIMITS = ServerConfig(max_body_bytes=64 * 1024, max_waiting=64, max_n=4, max_logprobs=5, max_stop=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train([CORPUS], vocab_size=320, num_workers=1)
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tokenizer, tmp_path_factory):
-    """A random model with sharpened weights (peaky attention, separated logits) so greedy choices do not hinge on
-    rounding differences between batched paged attention and the full forward."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                         max_seq_len=MAX_SEQ_LEN)
-    model = GPT(config).float()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("wq.weight", "wk.weight")):
-                param.mul_(10)
-            elif name == "lm_head.weight":
-                param.mul_(25)
-    return save_checkpoint(tmp_path_factory.mktemp("api") / "ckpt", model.state_dict(), config, tokenizer)
+def checkpoint_dir(tokenizer, sharpened_model, tmp_path_factory):
+    """A sharpened random model saved as a checkpoint, which the server (and serve.py) loads."""
+    model = sharpened_model(tokenizer.vocab_size, MAX_SEQ_LEN)
+    return save_checkpoint(tmp_path_factory.mktemp("api") / "ckpt", model.state_dict(), model.config, tokenizer)
 
 
 @pytest.fixture(scope="module")

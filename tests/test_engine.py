@@ -11,49 +11,16 @@ import torch
 from nanostack.model import GPT, ModelConfig
 from nanostack.sampling import SamplingParams
 from nanostack.serving.engine import Engine, EngineConfig, merge_outputs
-from nanostack.tokenizer import Tokenizer
 
+# conftest.py: `tokenizer` (tiny BPE), `sharpened_model` (fixed-seed random GPT factory), `one_thread`.
+pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_SEQ_LEN = 160
-CORPUS = ("The quick brown fox jumps over the lazy dog. def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
-          "Grüße aus Köln! Ça va très bien. 你好，世界。 Emoji: 🙂🚀✨ — naïve café déjà vu.\n") * 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: threads only contend.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train([CORPUS], vocab_size=320, num_workers=1)
-
-
-def random_model(vocab_size: int, **overrides) -> GPT:
-    """A fixed-seed float32 model with sharpened weights: peaky attention and well-separated logits, so greedy
-    paths do not hinge on float rounding differences between the paged and the full forward."""
-    torch.manual_seed(0)
-    shape = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=MAX_SEQ_LEN)
-    config = ModelConfig(vocab_size=vocab_size, **{**shape, **overrides})
-    model = GPT(config).float().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("wq.weight", "wk.weight")):
-                param.mul_(10)
-            elif name == "lm_head.weight":
-                param.mul_(25)
-    return model
-
-
 VARIANTS = {"gqa": {}, "moe": {"n_expert": 4, "n_expert_active": 2, "n_kv_head": 1}}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def model(request, tokenizer):
-    return random_model(tokenizer.vocab_size, **VARIANTS[request.param])
+def model(request, tokenizer, sharpened_model):
+    return sharpened_model(tokenizer.vocab_size, MAX_SEQ_LEN, **VARIANTS[request.param])
 
 
 _naive_cache = {}
@@ -181,8 +148,8 @@ def test_chunked_prefill_keeps_decoding_and_matches_naive(model, tokenizer):
     assert outputs["long"][0][0] < short_steps[-1]  # and those steps overlapped the short request's decoding
 
 
-def test_stop_token_ids_stop_strings_and_ignore_eos(tokenizer):
-    model = random_model(tokenizer.vocab_size)
+def test_stop_token_ids_stop_strings_and_ignore_eos(tokenizer, sharpened_model):
+    model = sharpened_model(tokenizer.vocab_size, MAX_SEQ_LEN)
     prompt = random_prompts(1, tokenizer.vocab_size, 12, 12, seed=7)[0]
     reference = naive_greedy(model, prompt, 40)
     engine = Engine(model, tokenizer, EngineConfig(block_size=8))
@@ -356,11 +323,11 @@ def test_from_checkpoint_serves_the_saved_model(model, tokenizer, tmp_path):
     assert out.new_token_ids == naive_greedy(model, tokenizer.encode("def fib(n):"), GREEDY.max_tokens)
 
 
-def test_triton_kernel_path_matches_the_torch_path(tokenizer, monkeypatch):
+def test_triton_kernel_path_matches_the_torch_path(tokenizer, sharpened_model, monkeypatch):
     """The CUDA branch of paged_attention (flash varlen prefill + paged decode kernels, run here by the Triton
     interpreter) on the engine's real metadata: prefix hits, chunked prefill and decode tokens in one step."""
     import nanostack.model as model_module
-    model = random_model(tokenizer.vocab_size)
+    model = sharpened_model(tokenizer.vocab_size, MAX_SEQ_LEN)
     torch_path = model_module.paged_attention
     compared = []
 

@@ -8,11 +8,11 @@ server-sent events, one `data: {json}\\n\\n` per chunk and a final `data: [DONE]
 /health, /metrics (Prometheus text) and / (a one-file chat page). Every error is JSON in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`.
 
-Threads. The engine is synchronous, so it runs on one thread of its own (`EngineLoop`), stepping while there is
-work and sleeping on its command queue otherwise; nothing else touches it. Handlers on the asyncio loop put "add"
-and "abort" commands on that queue, and the engine thread hands every RequestOutput back through
+Threads. The engine is synchronous, so it runs on one thread of its own (`EngineLoop` in engine_loop.py), stepping
+while there is work and sleeping on its command queue otherwise; nothing else touches it. Handlers on the asyncio
+loop put "add" and "abort" commands on that queue, and the engine thread hands every RequestOutput back through
 `loop.call_soon_threadsafe` into the asyncio.Queue of the HTTP request it belongs to. A completion with n
-choices, or several prompts, is several engine requests feeding one queue.
+choices, or several prompts, is several engine requests feeding one queue. /metrics is rendered by metrics.py.
 
 Lifetimes. A client that disconnects cancels its handler (aiohttp's `handler_cancellation`), and the handler's
 `finally` aborts its engine requests, which frees their KV blocks on the engine's next step. On shutdown the
@@ -26,19 +26,15 @@ lm-eval also sends `max_tokens: 0`, which the engine cannot run (it always sampl
 generated and dropped: it is in the engine's generation counter but not in `usage`.
 """
 import asyncio
-import bisect
 import codecs
 import dataclasses
 import hmac
 import json
 import logging
 import math
-import queue
 import reprlib
-import threading
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +42,8 @@ from aiohttp import web
 
 from nanostack.sampling import SamplingParams
 from nanostack.serving.engine import Engine, RequestOutput
+from nanostack.serving.engine_loop import EngineLoop
+from nanostack.serving.metrics import Metrics
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -87,191 +85,6 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         """The error as an HTTP response."""
         return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The engine thread
-
-class EngineLoop:
-    """Runs the engine on a thread of its own: commands in through a queue, outputs out to the asyncio loop."""
-
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_output):
-        self.engine, self.loop, self.on_output = engine, loop, on_output
-        self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.sinks: dict[str, asyncio.Queue] = {}  # request id -> its HTTP request's queue (engine thread only)
-        self.stats = engine.stats()                 # refreshed after every step, read by /metrics
-        self.failure: str | None = None            # why the thread ended; set once, under the lock
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
-
-    @property
-    def healthy(self) -> bool:
-        """The thread runs and has not failed."""
-        return self.failure is None and self.thread.is_alive()
-
-    def add(self, request_id: str, prompt: list[int], params: SamplingParams, arrival_time: float, sink) -> None:
-        """Queue a request (called on the event loop); if the thread has ended, answer None (failed) at once."""
-        with self.lock:  # either the thread sees this command before it ends, or we see its failure
-            if self.failure is None:
-                self.commands.put(("add", request_id, prompt, params, arrival_time, sink))
-                return
-        sink.put_nowait(None)
-
-    def abort(self, request_id: str | None = None) -> None:
-        """Abort a request (all of them for None); its blocks are freed before the next step."""
-        self.commands.put(("abort", request_id))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """End the thread after its current step and wait for it."""
-        self.commands.put(("stop",))
-        self.thread.join(timeout)
-
-    def _deliver(self, sink: asyncio.Queue, output: RequestOutput | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.on_output, sink, output)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
-
-    def _run(self) -> None:
-        failure = "the engine was stopped"
-        try:
-            self._serve()
-        except BaseException as error:
-            failure = f"{type(error).__name__}: {error}"
-            log.exception("the engine thread failed; every request from now on gets an error")
-        finally:
-            with self.lock:
-                self.failure = failure
-            # No command can be queued any more: answer every request the engine held or had not seen yet.
-            sinks = set(self.sinks.values())
-            while not self.commands.empty():
-                kind, *args = self.commands.get()
-                if kind == "add":
-                    sinks.add(args[-1])
-            self.sinks.clear()
-            for sink in sinks:
-                self._deliver(sink, None)
-
-    def _serve(self) -> None:
-        engine = self.engine
-        while True:
-            # Sleep on the queue only when idle; while requests run, take whatever arrived and step on.
-            commands = [] if engine.has_unfinished() else [self.commands.get()]
-            while not self.commands.empty():
-                commands.append(self.commands.get())
-            for kind, *args in commands:
-                if kind == "stop":
-                    return
-                if kind == "add":
-                    self._add(*args)
-                else:
-                    for request_id in list(self.sinks) if args[0] is None else args:
-                        engine.abort(request_id)
-            for output in engine.step() if engine.has_unfinished() else []:
-                sink = self.sinks.pop(output.request_id, None) if output.finished else self.sinks.get(output.request_id)
-                if sink is not None:
-                    self._deliver(sink, output)
-            self.stats = engine.stats()
-
-    def _add(self, request_id, prompt, params, arrival_time, sink) -> None:
-        self.sinks[request_id] = sink
-        try:
-            self.engine.add_request(request_id, prompt, params, arrival_time)
-        except ValueError as error:  # the API checked the request already; answer anything it missed
-            del self.sinks[request_id]
-            self._deliver(sink, RequestOutput(request_id, [], "", True, "error", str(error)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics
-
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
-                   10.0, 20.0, 40.0, 80.0)
-FINISH_REASONS = ("stop", "length", "abort", "error")
-
-
-class Histogram:
-    """A Prometheus histogram: counts per upper bound, plus the sum and count of every observation."""
-
-    def __init__(self, buckets=LATENCY_BUCKETS):
-        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        """Count one value in the first bucket whose upper bound is >= value."""
-        index = bisect.bisect_left(self.buckets, value)
-        if index < len(self.counts):
-            self.counts[index] += 1
-        self.sum += value
-        self.count += 1
-
-    def samples(self, name: str, labels: str) -> list[str]:
-        """Sample lines: cumulative counts per bound (le), then +Inf, the sum and the count."""
-        lines, cumulative = [], 0
-        for bound, count in zip(self.buckets, self.counts):
-            cumulative += count
-            lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
-        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
-        return lines + [f"{name}_sum{{{labels}}} {self.sum!r}", f"{name}_count{{{labels}}} {self.count}"]
-
-
-class Metrics:
-    """Latency histograms and finish counters, fed every RequestOutput on the event loop's thread."""
-
-    def __init__(self):
-        self.time_to_first_token = Histogram()
-        self.inter_token_latency = Histogram()
-        self.e2e_request_latency = Histogram()
-        self.finished = Counter({reason: 0 for reason in FINISH_REASONS})
-        self.last_token_time: dict[str, float] = {}
-
-    def observe(self, output: RequestOutput) -> None:
-        """Record the output's token times (TTFT for a request's first token, gaps after that) and its finish."""
-        times, request_id = output.token_times, output.request_id
-        if times:
-            previous = self.last_token_time.get(request_id)
-            if previous is None:
-                self.time_to_first_token.observe(times[0] - output.arrival_time)
-            else:
-                self.inter_token_latency.observe(times[0] - previous)
-            for earlier, later in zip(times, times[1:]):
-                self.inter_token_latency.observe(later - earlier)
-            self.last_token_time[request_id] = times[-1]
-        if output.finished:
-            self.finished[output.finish_reason] += 1
-            end = self.last_token_time.pop(request_id, None)
-            if output.finish_reason in ("stop", "length") and end is not None:
-                self.e2e_request_latency.observe(end - output.arrival_time)
-
-    def render(self, stats, model_name: str) -> str:
-        """Prometheus text exposition format, every sample labelled with the model name."""
-        labels = 'model_name="' + model_name.replace("\\", r"\\").replace('"', r'\"').replace("\n", r"\n") + '"'
-        lines = []
-
-        def family(name, kind, help_text, samples):
-            lines.extend([f"# HELP nanostack:{name} {help_text}", f"# TYPE nanostack:{name} {kind}", *samples])
-
-        for name, kind, help_text, value in (
-                ("num_requests_running", "gauge", "Requests in the engine's running batch.", stats.num_running),
-                ("num_requests_waiting", "gauge", "Requests queued for the running batch.", stats.num_waiting),
-                ("kv_cache_usage_ratio", "gauge", "Fraction of KV blocks held by requests.", stats.kv_cache_usage),
-                ("kv_cache_blocks", "gauge", "KV-cache blocks in the pool.", stats.num_kv_blocks),
-                ("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", stats.prompt_tokens_total),
-                ("generation_tokens_total", "counter", "Tokens sampled.", stats.generation_tokens_total),
-                ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
-                 stats.prefix_cache_queries),
-                ("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
-                 stats.prefix_cache_hits),
-                ("num_preemptions_total", "counter", "Requests preempted for KV blocks.", stats.num_preemptions)):
-            family(name, kind, help_text, [f"nanostack:{name}{{{labels}}} {value}"])
-        family("requests_finished_total", "counter", "Engine requests (one per choice) by finish reason.",
-               [f'nanostack:requests_finished_total{{{labels},finish_reason="{reason}"}} {count}'
-                for reason, count in self.finished.items()])
-        for name, histogram, help_text in (
-                ("time_to_first_token_seconds", self.time_to_first_token, "From arrival to the first token."),
-                ("inter_token_latency_seconds", self.inter_token_latency, "Between consecutive tokens of a request."),
-                ("e2e_request_latency_seconds", self.e2e_request_latency, "From arrival to the last token.")):
-            family(name, "histogram", help_text, histogram.samples(f"nanostack:{name}", labels))
-        return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
