@@ -10,7 +10,6 @@ Every flag is listed by `--help`: where to listen, the API's limits, and the eng
 """
 import argparse
 import asyncio
-import dataclasses
 import errno
 import logging
 import signal
@@ -18,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from nanostack.checkpoint import CheckpointError, resolve_checkpoint
+from nanostack.quant import MODES, load_for_serving, quantize_model
 from nanostack.cli import add_dataclass_args, dataclass_from_args
 from nanostack.serving.api import ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
@@ -33,6 +33,7 @@ class ServeConfig:
     port: int = 8000                # TCP port to listen on
     device: str = "auto"            # auto (CUDA when present), cpu, cuda, cuda:1, ...
     dtype: str = "auto"             # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
+    quant: str = ""                 # int8-wo | w8a8: quantize the linears on the fly (checkpoints saved by nanostack.quant load as they are)
 
 
 def default_model() -> str:
@@ -83,9 +84,16 @@ def main(argv=None) -> int:
 
     model = config.model or default_model()
     device = resolve_device(config.device)
-    engine = Engine.from_checkpoint(model, device, compute_dtype(config.dtype, device),
-                                    **dataclasses.asdict(engine_config))
-    print(f"serving {resolve_checkpoint(model)} as '{server_config.served_model_name}' on {device}: "
+    if config.quant and config.quant not in MODES:
+        raise ValueError(f"--quant {config.quant!r}: expected one of {', '.join(MODES)} (or empty for none)")
+    loaded = load_for_serving(model, device)
+    network = loaded["model"].to(compute_dtype(config.dtype, device))
+    if config.quant:
+        network = quantize_model(network, config.quant)  # after the cast, so the int8 scales stay fp32
+    engine = Engine(network, loaded["tokenizer"], engine_config)
+    quantized = config.quant or (loaded["raw_config"].get("quantization") or {}).get("mode")
+    print(f"serving {resolve_checkpoint(model)} as '{server_config.served_model_name}' on {device}"
+          f"{f' ({quantized})' if quantized else ''}: "
           f"{engine.model.num_params():,} parameters, {engine.blocks.num_blocks} KV blocks of "
           f"{engine.config.block_size} tokens, max_model_len {engine.scheduler.config.max_model_len}", flush=True)
     return asyncio.run(serve(create_app(engine, server_config), config.host, config.port))

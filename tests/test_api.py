@@ -530,7 +530,7 @@ def test_serve_py_sigterm_drains_and_exits_0(checkpoint_dir):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, str(ROOT / "serve.py"), "--model", str(checkpoint_dir), "--port", str(port),
-               "--device", "cpu", "--shutdown-timeout", "10"]
+               "--device", "cpu", "--shutdown-timeout", "10", "--quant", "w8a8"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: _is_up(port) or process.poll() is not None, timeout=90, what="serve.py listening")
@@ -548,6 +548,7 @@ def test_serve_py_sigterm_drains_and_exits_0(checkpoint_dir):
             process.send_signal(signal.SIGTERM)  # in flight: the server must finish this stream, then exit
             events += response.read().split(b"\n\n")
         assert process.wait(timeout=15) == 0
+        assert "(w8a8)" in process.stdout.read()  # served int8, quantized on the fly
         assert events[-2:] == [b"data: [DONE]", b""]
         assert json.loads(events[-3].removeprefix(b"data: "))["choices"][0]["finish_reason"] == "length"
     finally:
