@@ -48,7 +48,6 @@ references. A quantized checkpoint stores int8 weights + fp32 scales (smoothing 
     python -m nanostack.quant --model out/pretrain --mode w8a8 --out out/w8a8 --report true
 """
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from safetensors.torch import load_file
 from kernels.int8_matmul import (int8_matmul, int8_matmul_reference, int8_weight_only_matmul,
                                  int8_weight_only_matmul_reference, quantize_per_row)
 from nanostack import checkpoint, data
+from nanostack.atomic import write_json
 from nanostack.cli import add_dataclass_args, dataclass_from_args
 from nanostack.model import GPT, MLP, Experts
 from nanostack.tokenizer import Tokenizer
@@ -527,7 +527,7 @@ def main(argv=None) -> int:
     if config.report:
         report.update(model=str(loaded["directory"]), quantized_checkpoint=str(out))
         print(format_rows([{k: v for k, v in row.items() if k != "loss"} for row in report["rows"]]))
-        (out / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out / "quant_report.json", report)
         print(f"wrote {out / 'quant_report.json'}")
     return 0
 
