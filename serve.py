@@ -21,6 +21,7 @@ from nanostack.quant import MODES, load_for_serving, quantize_model
 from nanostack.cli import add_dataclass_args, dataclass_from_args
 from nanostack.serving.api import ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
+from nanostack.serving.speculative import SpeculativeConfig, Speculator
 from nanostack.training import compute_dtype, resolve_device
 
 DEFAULT_MODELS = ("out/sft", "out/dpo", "out/pretrain")
@@ -34,6 +35,8 @@ class ServeConfig:
     device: str = "auto"            # auto (CUDA when present), cpu, cuda, cuda:1, ...
     dtype: str = "auto"             # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
     quant: str = ""                 # int8-wo | w8a8: quantize the linears on the fly (checkpoints saved by nanostack.quant load as they are)
+    draft: str = ""                 # speculative decoding with this smaller checkpoint (same tokenizer) as the draft
+    ngram: bool = False             # speculative decoding by n-gram prompt lookup (no draft model)
 
 
 def default_model() -> str:
@@ -76,21 +79,28 @@ def main(argv=None) -> int:
     add_dataclass_args(parser, ServeConfig, "model and address")
     add_dataclass_args(parser, ServerConfig, "API limits")
     add_dataclass_args(parser, EngineConfig, "engine (batching and KV cache)")
+    add_dataclass_args(parser, SpeculativeConfig, "speculative decoding (with --draft or --ngram)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = dataclass_from_args(ServeConfig, args)
     server_config = dataclass_from_args(ServerConfig, args)
     engine_config = dataclass_from_args(EngineConfig, args)
+    speculative_config = dataclass_from_args(SpeculativeConfig, args)
 
-    model = config.model or default_model()
-    device = resolve_device(config.device)
     if config.quant and config.quant not in MODES:
         raise ValueError(f"--quant {config.quant!r}: expected one of {', '.join(MODES)} (or empty for none)")
+    if config.draft and config.ngram:
+        raise ValueError("--draft and --ngram are two ways to propose tokens: choose one")
+    model = config.model or default_model()
+    device = resolve_device(config.device)
+    dtype = compute_dtype(config.dtype, device)
     loaded = load_for_serving(model, device)
-    network = loaded["model"].to(compute_dtype(config.dtype, device))
+    network = loaded["model"].to(dtype)  # cast before quantizing, so the int8 scales stay fp32
     if config.quant:
-        network = quantize_model(network, config.quant)  # after the cast, so the int8 scales stay fp32
-    engine = Engine(network, loaded["tokenizer"], engine_config)
+        network = quantize_model(network, config.quant)
+    speculator = (Speculator.from_checkpoint(config.draft, speculative_config, device, dtype) if config.draft
+                  else Speculator(speculative_config) if config.ngram else None)
+    engine = Engine(network, loaded["tokenizer"], engine_config, speculator)
     quantized = config.quant or (loaded["raw_config"].get("quantization") or {}).get("mode")
     print(f"serving {resolve_checkpoint(model)} as '{server_config.served_model_name}' on {device}"
           f"{f' ({quantized})' if quantized else ''}: "

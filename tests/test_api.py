@@ -530,7 +530,7 @@ def test_serve_py_sigterm_drains_and_exits_0(checkpoint_dir):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, str(ROOT / "serve.py"), "--model", str(checkpoint_dir), "--port", str(port),
-               "--device", "cpu", "--shutdown-timeout", "10", "--quant", "w8a8"]
+               "--device", "cpu", "--shutdown-timeout", "10", "--quant", "w8a8", "--ngram", "true"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: _is_up(port) or process.poll() is not None, timeout=90, what="serve.py listening")

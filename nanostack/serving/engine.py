@@ -16,6 +16,10 @@
     append     the token joins its sequence; finished requests free their blocks (full ones stay cached)
     stream     one RequestOutput per request that moved: new token ids, the text they add, logprobs, timings
 
+With a Speculator (speculative.py), decoding requests first get up to K draft tokens appended; the scheduler
+then schedules each such request's last token + drafts as one chunk, the forward returns logits for all of
+them, and `_accept_drafts` keeps the accepted run plus one target token and rolls the rest back.
+
 Text is streamed safely. Token bytes go through an incremental UTF-8 decoder, so a character whose bytes span
 two tokens is held back until it is complete (never emitted as U+FFFD); and the tail of the text that could
 still turn into a stop string is held back until it either does (the stop string is cut, never partly shown)
@@ -36,6 +40,7 @@ from nanostack.model import PagedBatch
 from nanostack.sampling import SamplingParams, make_generator, sample, token_logprobs
 from nanostack.serving.kv_cache import BlockManager, allocate_kv_pools, kv_bytes_per_block, num_blocks_for_budget
 from nanostack.serving.scheduler import Scheduler, SchedulerConfig, Sequence
+from nanostack.serving.speculative import Proposal, SpecStats, Speculator
 
 
 @dataclass
@@ -82,6 +87,7 @@ class EngineStats:
     prompt_tokens_total: int               # prompt tokens of accepted requests
     generation_tokens_total: int           # tokens sampled
     num_preemptions: int
+    speculative: SpecStats | None = None   # draft/acceptance counters when the engine speculates
 
 
 @dataclass(eq=False)
@@ -102,7 +108,8 @@ class _Request:
 class Engine:
     """Continuous-batching inference over a paged KV cache; see the module docstring."""
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None,
+                 speculator: Speculator | None = None):
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model.eval(), tokenizer
         weight = model.tok_emb.weight
@@ -119,6 +126,9 @@ class Engine:
         self.blocks = self.scheduler.blocks
         self.k_pools, self.v_pools = allocate_kv_pools(model.config, self.blocks.num_blocks, config.block_size,
                                                        self.dtype, self.device)
+        self.speculator = speculator
+        if speculator is not None:
+            speculator.check_target(model.config, max_len)
         self.requests: dict[str, _Request] = {}
         self.pending_outputs: list[RequestOutput] = []  # aborts and refusals, reported by the next step
         self.prompt_tokens_total = 0
@@ -141,12 +151,13 @@ class Engine:
         return max(wanted, 1)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None, **config_fields) -> "Engine":
+    def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None,
+                        speculator: Speculator | None = None, **config_fields) -> "Engine":
         """An engine over a checkpoint's model and tokenizer; config_fields are EngineConfig fields."""
-        from nanostack.checkpoint import load_checkpoint
-        loaded = load_checkpoint(path, device)
+        from nanostack.quant import load_for_serving  # plain or int8-quantized checkpoints alike
+        loaded = load_for_serving(path, device)
         model = loaded["model"] if dtype is None else loaded["model"].to(dtype)
-        return cls(model, loaded["tokenizer"], EngineConfig(**config_fields))
+        return cls(model, loaded["tokenizer"], EngineConfig(**config_fields), speculator)
 
     # ------------------------------------------------------------------------------------------------------
     # Requests in and out
@@ -197,7 +208,8 @@ class Engine:
         """Queue lengths, KV usage and token counters now."""
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
                            self.blocks.num_blocks, self.blocks.prefix_queries, self.blocks.prefix_hits,
-                           self.prompt_tokens_total, self.generation_tokens_total, self.scheduler.num_preemptions)
+                           self.prompt_tokens_total, self.generation_tokens_total, self.scheduler.num_preemptions,
+                           self.speculator.stats if self.speculator is not None else None)
 
     # ------------------------------------------------------------------------------------------------------
     # One step
@@ -206,39 +218,48 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward over the whole batch, sample, and report what each request gained."""
         outputs, self.pending_outputs = self.pending_outputs, []
+        proposals = self._propose()
         chunks = self.scheduler.schedule()
+        if proposals:
+            self._fit_proposals(chunks, proposals)
         if not chunks:
             return outputs
         # Prefill chunks first, then single tokens: the two attention paths each take one contiguous slice.
         chunks.sort(key=lambda c: c.num_tokens == 1)
-        token_ids, batch, sample_rows, prompt_rows = self._prepare(chunks)
+        token_ids, batch, sample_rows, prompt_rows, draft_rows = self._prepare(chunks, proposals)
         logits = self.model.forward_serving(token_ids, batch, self.k_pools, self.v_pools)  # (rows, vocab)
 
         for chunk in chunks:
+            if chunk.seq.request_id in proposals:  # computed length and caching wait for the acceptance
+                continue
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.blocks.cache_full_blocks(chunk.seq.request_id, chunk.seq.token_ids, chunk.seq.num_computed_tokens)
         if prompt_rows:
             self._record_prompt_logprobs(logits, prompt_rows)
+        now = time.monotonic()
+        for chunk, first_row in draft_rows:
+            proposal = proposals[chunk.seq.request_id]
+            rows = logits[first_row:first_row + len(proposal.tokens) + 1]  # (K+1, vocab)
+            outputs.append(self._accept_drafts(self.requests[chunk.seq.request_id], proposal, rows, now))
         if not sample_rows:
             return outputs
         requests = [self.requests[chunk.seq.request_id] for chunk, _ in sample_rows]
         sampled = sample(logits[[row for _, row in sample_rows]], [r.seq.params for r in requests],
                          [r.generator for r in requests])
-        now = time.monotonic()
         for i, request in enumerate(requests):
             outputs.append(self._append_token(request, sampled.token_ids[i], sampled.logprobs[i],
                                               sampled.top_logprobs[i], now))
         return outputs
 
-    def _prepare(self, chunks):
+    def _prepare(self, chunks, proposals):
         """Flatten the chunks into one token row plus the PagedBatch that locates it in the KV pools.
 
         Returns (token_ids, batch, sample_rows [(chunk, logits row)], prompt_rows [(request, logits row, target
-        prompt index)])."""
+        prompt index)], draft_rows [(chunk, first of its K+1 logits rows)])."""
         token_ids, positions, slots = [], [], []
         cu_q, cu_k, key_slots = [0], [0], []
         block_tables, context_lens = [], []
-        logits_indices, sample_rows, prompt_rows = [], [], []
+        logits_indices, sample_rows, prompt_rows, draft_rows = [], [], [], []
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             offset = len(token_ids)
@@ -258,7 +279,11 @@ class Engine:
                 for p in range(max(start, len(request.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append((request, len(logits_indices), p + 1))
                     logits_indices.append(offset + p - start)
-            if chunk.samples:
+            if seq.request_id in proposals:  # the last real token and every draft token are scored
+                draft_rows.append((chunk, len(logits_indices)))
+                num_drafts = len(proposals[seq.request_id].tokens)
+                logits_indices += range(offset + chunk.num_tokens - 1 - num_drafts, offset + chunk.num_tokens)
+            elif chunk.samples:
                 sample_rows.append((chunk, len(logits_indices)))
                 logits_indices.append(offset + chunk.num_tokens - 1)
         max_blocks = max((len(t) for t in block_tables), default=0)
@@ -274,7 +299,7 @@ class Engine:
             decode_block_tables=as_tensor([t + [0] * (max_blocks - len(t)) for t in block_tables]
                                           ).reshape(len(block_tables), max_blocks),
             decode_context_lens=as_tensor(context_lens), logits_indices=as_tensor(logits_indices, torch.long))
-        return as_tensor(token_ids, torch.long), batch, sample_rows, prompt_rows
+        return as_tensor(token_ids, torch.long), batch, sample_rows, prompt_rows, draft_rows
 
     def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
         """Score the prompt tokens these logits predict: {token: logprob} with the request's top alternatives."""
@@ -283,6 +308,72 @@ class Engine:
         chosen, tops = token_logprobs(logits[rows], targets, [r.seq.params.prompt_logprobs for r, _, _ in prompt_rows])
         for (request, _, j), logprob, top in zip(prompt_rows, chosen, tops):
             request.prompt_logprobs.append({**top, request.seq.token_ids[j]: logprob})
+
+    # ------------------------------------------------------------------------------------------------------
+    # Speculative decoding: propose before scheduling, verify after the forward
+
+    def _propose(self) -> dict[str, Proposal]:
+        """Append draft tokens to the decoding requests (if the speculator is on this step); returns them."""
+        if self.speculator is None:
+            return {}
+        running = self.scheduler.running
+        self.speculator.retain({s.request_id for s in running})
+        if not running or not self.speculator.enabled(len(running)):
+            return {}
+        decoding = [s for s in running if s.num_computed_tokens == len(s.token_ids) - 1]
+        # Leave every running request at least its one token of the step's budget.
+        per_seq = (self.scheduler.config.max_num_batched_tokens - len(running)) // max(len(decoding), 1)
+        max_len = self.scheduler.config.max_model_len
+        wanted = []
+        for seq in decoding:
+            # Drafts past max_tokens or max_model_len would be thrown away: positions must stay < max_len.
+            room = min(seq.params.max_tokens - seq.num_output_tokens - 1, max_len - len(seq.token_ids))
+            num_tokens = min(self.speculator.config.num_speculative_tokens, per_seq, room)
+            if num_tokens > 0:
+                wanted.append((seq, num_tokens))
+        proposals = self.speculator.propose(wanted)
+        for seq, _ in wanted:
+            if seq.request_id in proposals:
+                seq.token_ids += proposals[seq.request_id].tokens
+        return proposals
+
+    def _fit_proposals(self, chunks, proposals: dict[str, Proposal]) -> None:
+        """Cut the drafts to what the scheduler fitted in this step; drop those of requests it did not schedule."""
+        scheduled = {chunk.seq.request_id: chunk for chunk in chunks}
+        for request_id, proposal in list(proposals.items()):
+            seq = self.requests[request_id].seq
+            chunk = scheduled.get(request_id)
+            # A preempted request must be recomputed from real tokens only; a cut chunk verifies fewer drafts.
+            base_len = len(seq.token_ids) - len(proposal.tokens)
+            keep = 0 if chunk is None else chunk.start + chunk.num_tokens - base_len
+            del seq.token_ids[base_len + keep:]
+            if keep > 0:
+                proposal.tokens = proposal.tokens[:keep]
+                if proposal.draft_probs is not None:
+                    proposal.draft_probs = proposal.draft_probs[:keep]
+            else:
+                del proposals[request_id]
+
+    def _accept_drafts(self, request: _Request, proposal: Proposal, logits: torch.Tensor, now: float) -> RequestOutput:
+        """Verify a request's drafts against the target's logits (K+1, vocab), keep the accepted run + one token,
+        roll the K/V of the rest back, and append the new tokens as in plain decoding (stops cut the run)."""
+        seq, params = request.seq, request.seq.params
+        new_tokens = self.speculator.verify(logits, proposal, params, request.generator)
+        del seq.token_ids[len(seq.token_ids) - len(proposal.tokens):]
+        # K/V are valid for the last real token and the accepted drafts; the final new token is still pending.
+        seq.num_computed_tokens = len(seq.token_ids) + len(new_tokens) - 1
+        self.blocks.cache_full_blocks(seq.request_id, seq.token_ids + new_tokens, seq.num_computed_tokens)
+        self.scheduler.release_blocks_beyond(seq, len(seq.token_ids) + len(new_tokens))
+        chosen, tops = [None] * len(new_tokens), [None] * len(new_tokens)
+        if params.logprobs is not None:
+            chosen, tops = token_logprobs(logits[:len(new_tokens)], torch.tensor(new_tokens, device=logits.device),
+                                          [params.logprobs] * len(new_tokens))
+        pieces = []
+        for token, logprob, top in zip(new_tokens, chosen, tops):
+            pieces.append(self._append_token(request, token, logprob, top, now))
+            if pieces[-1].finished:
+                break
+        return merge_outputs(pieces)
 
     # ------------------------------------------------------------------------------------------------------
     # Appending a token: finish detection and streamed text

@@ -144,6 +144,18 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def release_blocks_beyond(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past seq's first num_tokens positions (those held rejected draft tokens).
+
+        They were allocated for this step and never entered the prefix cache (only computed, accepted
+        positions do), so dropping the reference returns them to the free list."""
+        table = self.blocks.block_tables[seq.request_id]
+        tail = table[self.blocks.blocks_for(num_tokens):]
+        del table[len(table) - len(tail):]
+        if tail:  # free() releases a table's blocks with the allocator's own bookkeeping
+            self.blocks.block_tables[(seq.request_id, "rollback")] = tail
+            self.blocks.free((seq.request_id, "rollback"))
+
     def finish(self, seq: Sequence) -> None:
         """Retire a running request and free its blocks."""
         self.running.remove(seq)
