@@ -172,10 +172,19 @@ class BlockManager:
 
     def free(self, seq_id) -> None:
         """Drop a sequence's references (a no-op for one holding none); cached blocks stay findable until evicted."""
-        table = self.block_tables.pop(seq_id, [])
         self.hash_chains.pop(seq_id, None)
+        self._release(self.block_tables.pop(seq_id, []))
+
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Give back a sequence's blocks past its first num_tokens positions (e.g. rejected draft tokens)."""
+        table = self.block_tables[seq_id]
+        keep = self.blocks_for(num_tokens)
+        self._release(table[keep:])
+        del table[keep:]
+
+    def _release(self, blocks: list[int]) -> None:
         # Tail first, so the LRU order evicts the ends of a shared prefix before its more widely shared start.
-        for block in reversed(table):
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] > 0:
                 continue

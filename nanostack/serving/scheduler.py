@@ -149,12 +149,7 @@ class Scheduler:
 
         They were allocated for this step and never entered the prefix cache (only computed, accepted
         positions do), so dropping the reference returns them to the free list."""
-        table = self.blocks.block_tables[seq.request_id]
-        tail = table[self.blocks.blocks_for(num_tokens):]
-        del table[len(table) - len(tail):]
-        if tail:  # free() releases a table's blocks with the allocator's own bookkeeping
-            self.blocks.block_tables[(seq.request_id, "rollback")] = tail
-            self.blocks.free((seq.request_id, "rollback"))
+        self.blocks.truncate(seq.request_id, num_tokens)
 
     def finish(self, seq: Sequence) -> None:
         """Retire a running request and free its blocks."""
