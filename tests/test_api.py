@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from nanostack.checkpoint import load_checkpoint, save_checkpoint
 from nanostack.serving.api import SERVER, ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
+from nanostack.serving.speculative import SpeculativeConfig, Speculator
 
 # conftest.py: `tokenizer` (tiny BPE), `sharpened_model` (fixed-seed random GPT factory), `one_thread`.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -631,6 +632,27 @@ def test_metrics_count_what_was_sent(make_live, tokenizer):
         assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
         assert buckets[-1] == (float("inf"), count) and value(f"{name}_count") == count
         assert value(f"{name}_sum") > 0
+
+
+def test_speculative_serving_streams_the_greedy_text_and_exports_its_counters(model, tokenizer):
+    engine = Engine(model, tokenizer, EngineConfig(), Speculator(SpeculativeConfig(num_speculative_tokens=3)))
+    live = LiveServer(engine, LIMITS)
+    try:
+        prompt = [5, 6, 7, 8] * 6  # repetitive, so n-gram lookup has something to propose
+        stream = live.client().completions.create(model="nanostack", prompt=prompt, max_tokens=24, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+        assert text == tokenizer.decode(reference_greedy(model, prompt, 24))
+        with urllib.request.urlopen(live.url + "/metrics", timeout=10) as response:
+            samples = parse_prometheus(response.read().decode())
+        spec = engine.stats().speculative
+        model_label = ("model_name", "nanostack")
+        assert spec.num_draft_tokens > 0
+        assert samples["nanostack:spec_decode_num_draft_tokens_total", frozenset([model_label])] == spec.num_draft_tokens
+        assert samples["nanostack:spec_decode_num_accepted_tokens_total", frozenset([model_label])] \
+            == spec.num_accepted_tokens == sum(spec.accepted_per_position)
+    finally:
+        live.close()
 
 
 # ------------------------------------------------------------------------------------------------------------

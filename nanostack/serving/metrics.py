@@ -88,6 +88,18 @@ class Metrics:
                  stats.prefix_cache_hits),
                 ("num_preemptions_total", "counter", "Requests preempted for KV blocks.", stats.num_preemptions)):
             family(name, kind, help_text, [f"nanostack:{name}{{{labels}}} {value}"])
+        spec = stats.speculative
+        if spec is not None:
+            for name, help_text, value in (
+                    ("spec_decode_num_drafts_total", "Sequences verified with draft tokens.", spec.num_drafts),
+                    ("spec_decode_num_draft_tokens_total", "Draft tokens proposed.", spec.num_draft_tokens),
+                    ("spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", spec.num_accepted_tokens)):
+                family(name, "counter", help_text, [f"nanostack:{name}{{{labels}}} {value}"])
+            family("spec_decode_num_accepted_tokens_per_pos_total", "counter", "Accepted draft tokens by position.",
+                   [f'nanostack:spec_decode_num_accepted_tokens_per_pos_total{{{labels},position="{i}"}} {count}'
+                    for i, count in enumerate(spec.accepted_per_position)])
+            family("spec_decode_mean_acceptance_length", "gauge", "Draft tokens accepted per verification.",
+                   [f"nanostack:spec_decode_mean_acceptance_length{{{labels}}} {spec.mean_acceptance_length}"])
         family("requests_finished_total", "counter", "Engine requests (one per choice) by finish reason.",
                [f'nanostack:requests_finished_total{{{labels},finish_reason="{reason}"}} {count}'
                 for reason, count in self.finished.items()])
