@@ -2,8 +2,21 @@
 
 The loop in training.py calls whichever objective it is given and knows nothing else about it, so
 pretraining and every post-training method share one loop (resume, logging, distributed strategies).
+
+    next_token     pretraining: cross-entropy of every next token
+    sft            supervised fine-tuning: the same loss, only on the assistant's tokens (targets != -1)
+    distillation   a factory: KL between temperature-softened teacher and student distributions, mixed
+                   with the hard-label loss (Hinton et al. 2015)
+    dpo            a factory: Direct Preference Optimisation (Rafailov et al. 2023), which trains on
+                   (prompt, chosen, rejected) triples with no reward model
+
+Batches for the post-training objectives are dicts of tensors built by nanostack/chat_data.py. Every
+objective adds the MoE auxiliary loss when the model has experts (it is zero for a dense model).
 """
 import torch
+import torch.nn.functional as F
+
+KD_KINDS = ("forward", "reverse")
 
 
 def next_token(model, batch) -> tuple[torch.Tensor, dict]:
@@ -11,3 +24,146 @@ def next_token(model, batch) -> tuple[torch.Tensor, dict]:
     inputs, targets = batch
     loss = model(inputs, targets)
     return loss, {}
+
+
+def moe_aux_loss(model) -> torch.Tensor:
+    """The auxiliary loss of the model's last forward (zero when dense); sees through a DDP wrapper."""
+    return getattr(model, "module", model).moe_aux_loss
+
+
+def sft(model, batch) -> tuple[torch.Tensor, dict]:
+    """Supervised fine-tuning: mean cross-entropy over the assistant tokens only.
+
+    batch: "inputs", "targets" (B, T) with -1 wherever the chat template's loss mask is 0, and for packed
+    rows "doc_ids" (B, T), which keeps attention and positions inside each conversation. The model's own
+    loss already skips -1 targets and adds the MoE auxiliary loss.
+    """
+    loss = model(batch["inputs"], batch["targets"], doc_ids=batch.get("doc_ids"))
+    return loss, {"assistant_tokens": (batch["targets"] != -1).sum()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distillation
+
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  kind: str) -> torch.Tensor:
+    """Per-position KL divergence (..., V) -> (...) between the temperature-softened distributions.
+
+    forward = KL(teacher || student): the student must cover every token the teacher likes (mean-seeking).
+    reverse = KL(student || teacher): the student may drop some of them but not invent others (mode-seeking).
+    """
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 logits lose too much in softmax
+    log_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    if kind == "forward":
+        return (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    return (log_student.exp() * (log_student - log_teacher)).sum(-1)
+
+
+def distillation(teacher, temperature: float = 2.0, alpha: float = 0.5, kind: str = "forward"):
+    """An objective that trains the model towards `teacher`'s softened distribution on the assistant tokens.
+
+    loss = alpha * T^2 * KL + (1 - alpha) * cross-entropy on the hard labels. The T^2 keeps the soft
+    term's gradient scale independent of T (the softened gradients shrink as 1/T^2). The teacher is frozen
+    and in eval mode; it must share the student's tokenizer, so the two distributions are over one vocabulary.
+    """
+    if temperature <= 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+    if kind not in KD_KINDS:
+        raise ValueError(f"distillation kind must be one of {KD_KINDS}, got {kind!r}")
+    teacher.eval()
+    teacher.requires_grad_(False)
+
+    def objective(model, batch) -> tuple[torch.Tensor, dict]:
+        inputs, targets, doc_ids = batch["inputs"], batch["targets"], batch.get("doc_ids")
+        student_logits = model(inputs, doc_ids=doc_ids)  # (B, T, V)
+        with torch.no_grad():
+            teacher_logits = teacher(inputs, doc_ids=doc_ids)
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                             f"{tuple(student_logits.shape)} differ: the two need the same vocabulary")
+        trained = targets != -1  # (B, T): the assistant tokens, the only ones either loss looks at
+        kl = kd_divergence(student_logits[trained], teacher_logits[trained], temperature, kind).mean()
+        hard = F.cross_entropy(student_logits[trained], targets[trained])
+        loss = alpha * temperature ** 2 * kl + (1 - alpha) * hard + moe_aux_loss(model)
+        return loss, {"kd_kl": kl.detach(), "kd_ce": hard.detach()}
+
+    return objective
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Direct Preference Optimisation
+
+def sequence_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(target) over each row's targets != -1: (B, T) -> (B,), the log-probability of the response."""
+    logits = model(inputs)  # (B, T, V)
+    token_logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1,
+                                      reduction="none")  # zero where the target is -1
+    return token_logprobs.view(targets.shape).sum(dim=1)
+
+
+def pair_logprobs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen and of the rejected responses, (B,) each, in one forward of 2B rows."""
+    inputs = torch.cat([batch["chosen_inputs"], batch["rejected_inputs"]])  # (2B, T)
+    targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]])
+    return sequence_logprobs(model, inputs, targets).chunk(2)
+
+
+@torch.no_grad()
+def precompute_reference(reference, rows: dict, batch_size: int = 32) -> dict:
+    """`rows` plus "ref_chosen_logps" and "ref_rejected_logps" (N,), the reference's log-probs in one pass.
+
+    With these in every batch, DPO needs no second model in memory during training. `rows` holds
+    "chosen_inputs", "chosen_targets", "rejected_inputs", "rejected_targets", each (N, T).
+    """
+    was_training = reference.training
+    reference.eval()
+    device = next(reference.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(rows["chosen_inputs"]), batch_size):
+        chunk = {k: v[start:start + batch_size].to(device) for k, v in rows.items()}
+        chosen_logps, rejected_logps = pair_logprobs(reference, chunk)
+        chosen.append(chosen_logps.float().cpu())
+        rejected.append(rejected_logps.float().cpu())
+    reference.train(was_training)
+    return {**rows, "ref_chosen_logps": torch.cat(chosen), "ref_rejected_logps": torch.cat(rejected)}
+
+
+def dpo(reference=None, beta: float = 0.1):
+    """The DPO objective against a frozen `reference` model, or, with reference=None, against reference
+    log-probs that `precompute_reference` put in the batch ("ref_chosen_logps", "ref_rejected_logps").
+
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), pi/ref the summed log-probs of the
+    chosen (c) and rejected (r) responses. beta * (pi - ref) is the implicit reward: beta sets how far
+    the policy may move from the reference.
+    """
+    if beta <= 0:
+        raise ValueError(f"dpo beta must be > 0, got {beta}")
+    if reference is not None:
+        reference.eval()
+        reference.requires_grad_(False)
+
+    def objective(model, batch) -> tuple[torch.Tensor, dict]:
+        policy_chosen, policy_rejected = pair_logprobs(model, batch)
+        aux = moe_aux_loss(model)  # read now: the reference forward below would overwrite a shared model's
+        if reference is None:
+            if "ref_chosen_logps" not in batch:
+                raise ValueError("dpo(reference=None) needs batches with precomputed reference log-probs; "
+                                 "build them with objectives.precompute_reference")
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = pair_logprobs(reference, batch)
+        chosen_reward = beta * (policy_chosen - ref_chosen)  # (B,)
+        rejected_reward = beta * (policy_rejected - ref_rejected)
+        margin = chosen_reward - rejected_reward
+        loss = -F.logsigmoid(margin).mean() + aux
+        return loss, {"reward_margin": margin.detach().mean(), "reward_accuracy": (margin > 0).float().mean(),
+                      "chosen_reward": chosen_reward.detach().mean(),
+                      "rejected_reward": rejected_reward.detach().mean()}
+
+    return objective

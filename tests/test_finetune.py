@@ -1,0 +1,152 @@
+"""finetune.py end to end: every mode from a tiny checkpoint, its evaluation, LoRA merge and exact resume."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+from nanostack import chat_data, checkpoint, lora
+from nanostack.model import GPT, ModelConfig
+from nanostack.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ("json", "textwrap", "shlex", "fnmatch", "glob", "bisect", "heapq", "colorsys", "string", "csv", "calendar")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny random checkpoint, a second one (the teacher), and chat / preference jsonl files."""
+    root = tmp_path_factory.mktemp("finetune")
+    entries = chat_data.stdlib_docstrings(MODULES)
+    tokenizer = Tokenizer.train([" ".join(chat_data.question(e) + " " + e.answer for e in entries)], 360)
+    for name, seed, width in (("init", 0, 32), ("teacher", 1, 48)):
+        torch.manual_seed(seed)
+        config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=width,
+                             max_seq_len=160)
+        checkpoint.save_checkpoint(root / name, GPT(config).state_dict(), config, tokenizer)
+    with open(root / "chat.jsonl", "w") as f:
+        for entry in entries:
+            f.write(json.dumps({"messages": chat_data.chat_messages(entry)}) + "\n")
+    with open(root / "pairs.jsonl", "w") as f:
+        for pair in chat_data.preference_examples(entries):
+            f.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
+    return root
+
+
+def common_flags(workdir, out):
+    return ["--init", str(workdir / "init"), "--out-dir", str(workdir / out), "--steps", "4", "--batch-size", "4",
+            "--warmup-steps", "1", "--save-every", "2", "--log-every", "1", "--eval-examples", "12"]
+
+
+def run_script(args, cwd):
+    # One thread: these models are tiny, and two OpenMP threads on a busy 2-core machine spin-wait each other.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+
+
+def test_defaults_are_fine_tuning_defaults():
+    args = finetune.parse_args([])
+    assert (args.mode, args.init, args.steps, args.weight_decay, args.out_dir) == ("sft", "out/pretrain", 200, 0.0, "")
+    assert args.lora_rank == 0 and args.lora_targets == "qv" and args.merge_lora is True
+
+
+def test_missing_init_says_to_run_train_py(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="run `python train.py` first"):
+        finetune.main(["--init", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "out")])
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(workdir, tmp_path):
+    other = Tokenizer.train(["completely different text " * 20], 300)
+    config = ModelConfig(vocab_size=other.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, max_seq_len=64)
+    checkpoint.save_checkpoint(tmp_path / "foreign", GPT(config).state_dict(), config, other)
+    student_tokenizer = checkpoint.load_checkpoint(workdir / "init")["tokenizer"]
+    with pytest.raises(ValueError, match="different tokenizer"):
+        finetune.load_teacher(str(tmp_path / "foreign"), student_tokenizer, torch.device("cpu"))
+    assert finetune.load_teacher(str(workdir / "teacher"), student_tokenizer, torch.device("cpu")) is not None
+
+
+def test_distillation_without_a_teacher_is_refused(workdir):
+    with pytest.raises(ValueError, match="--teacher"):
+        finetune.main(["--mode", "distill", "--init", str(workdir / "init"), "--out-dir", str(workdir / "x"),
+                       "--data", str(workdir / "chat.jsonl")])
+
+
+def test_stdlib_data_run_reports_every_metric_before_and_after(workdir, monkeypatch):
+    """In-process on a few stdlib modules (the full library takes seconds to parse)."""
+    subset = chat_data.stdlib_docstrings(MODULES + ("gettext", "fractions", "operator"))
+    monkeypatch.setattr(chat_data, "stdlib_docstrings", lambda: subset)
+    out = workdir / "stdlib_sft"
+    assert finetune.main(common_flags(workdir, "stdlib_sft") + ["--heldout-fraction", "0.4"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    for metrics in (report["before"], report["after"]):
+        assert set(metrics) == {"heldout_loss", "multiple_choice_accuracy", "multiple_choice_accuracy_calibrated",
+                                "preference_accuracy"}
+        assert 0.0 <= metrics["multiple_choice_accuracy_calibrated"] <= 1.0
+    assert report["after"]["heldout_loss"] < report["before"]["heldout_loss"]  # 4 steps on the same format
+    loaded = checkpoint.load_checkpoint(out)
+    assert loaded["raw_config"]["mode"] == "sft" and loaded["raw_config"]["finetune"]["lora"] is None
+
+
+@pytest.mark.slow
+def test_sft_with_packing_end_to_end(workdir):
+    result = run_script(common_flags(workdir, "sft") + ["--data", str(workdir / "chat.jsonl"), "--packing", "true"],
+                        workdir)
+    assert result.returncode == 0, result.stderr
+    assert "heldout_loss" in result.stdout and "100.00%" in result.stdout  # full fine-tuning
+    report = json.loads((workdir / "sft" / "eval.json").read_text())
+    assert report["trainable_params"] == report["total_params"] and report["steps"] == 4
+    loaded = checkpoint.load_checkpoint(workdir / "sft")
+    assert loaded["raw_config"]["mode"] == "sft" and loaded["trainer_state"]["step"] == 4
+
+
+@pytest.mark.slow
+def test_distillation_with_lora_and_a_no_teacher_baseline_end_to_end(workdir):
+    flags = common_flags(workdir, "distill") + ["--mode", "distill", "--data", str(workdir / "chat.jsonl"),
+                                                "--teacher", str(workdir / "teacher"), "--kd-baseline", "true",
+                                                "--kd-kind", "reverse", "--lora-rank", "2", "--lora-targets", "all"]
+    result = run_script(flags, workdir)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((workdir / "distill" / "eval.json").read_text())
+    assert {"teacher_heldout_loss", "no_teacher_heldout_loss"} <= set(report)
+    assert report["no_teacher_heldout_loss"] != report["after"]["heldout_loss"]  # the teacher made a difference
+    assert report["trainable_params"] < report["total_params"] / 5
+    assert (workdir / "distill" / "baseline" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_merges_for_serving_and_resumes_exactly(workdir):
+    flags = common_flags(workdir, "dpo") + ["--mode", "dpo", "--data", str(workdir / "pairs.jsonl"), "--lora-rank", "4",
+                                            "--lora-dropout", "0.1", "--dpo-precompute-reference", "true"]
+    result = run_script(flags, workdir)
+    assert result.returncode == 0, result.stderr
+    out = workdir / "dpo"
+    report = json.loads((out / "eval.json").read_text())
+    assert "preference_accuracy" in report["after"] and 0.0 <= report["dpo_reward_accuracy"] <= 1.0
+
+    # The served checkpoint is the base with the saved adapter merged in.
+    served = checkpoint.load_checkpoint(out)
+    assert served["raw_config"]["finetune"]["lora_merged"] and served["raw_config"]["mode"] == "dpo"
+    base = checkpoint.load_checkpoint(workdir / "init")["model"]
+    lora.load_adapter(base, out / "adapter", base=lora.checkpoint_identity(workdir / "init"))
+    lora.merge_lora(base)
+    for name, tensor in served["model"].state_dict().items():
+        torch.testing.assert_close(tensor, base.state_dict()[name], rtol=0, atol=0)
+
+    # Simulate a crash after the step-2 checkpoint of the training run, then resume it.
+    finished = load_file(checkpoint.resolve_checkpoint(out) / "model.safetensors")
+    shutil.rmtree(out / "lora_run" / "step_000004")
+    (out / "lora_run" / "latest").write_text("step_000002\n")
+    resumed = run_script(flags + ["--resume", "true"], workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    again = load_file(checkpoint.resolve_checkpoint(out) / "model.safetensors")
+    assert again.keys() == finished.keys()
+    for name in finished:
+        assert torch.equal(again[name], finished[name]), name
