@@ -12,15 +12,12 @@ a plain GPT again: no extra latency and no LoRA code in the server.
 
 The adapted layer keeps the frozen base weight under its original name (`...attn.wq.weight`) and adds
 `...attn.wq.lora_a` / `lora_b`, so a LoRA model's state dict is the base's plus the adapter, and
-`lora_state_dict` is what an adapter file holds. model.MLP applies its weights through `swiglu` (shared
-with the MoE experts) rather than calling its Linear modules, so when an MLP projection is a target,
-`apply_lora` routes that MLP through its modules' forwards (the same function, written out) and
-`merge_lora` restores it.
+`lora_state_dict` is what an adapter file holds. The dense MLP calls its Linear modules, so its
+projections can be targets too; the MoE experts' stacked weights cannot.
 
 In a training run (finetune.py) the loop's checkpoints hold this unmerged state dict plus the adapters'
 optimizer moments, which is what an exact resume needs; the merged model is written beside them for serving.
 """
-import functools
 import json
 import math
 from pathlib import Path
@@ -71,11 +68,6 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
 
 
-def _mlp_through_modules(mlp, x):
-    """model.swiglu written with module calls, so LoRA-wrapped projections take part."""
-    return mlp.w_down(F.silu(mlp.w_gate(x)) * mlp.w_up(x))
-
-
 def parse_targets(targets) -> tuple[str, ...]:
     """Presets ("qv", "attn", "all") and names ("wq", ..., "lm_head"), comma-separated or as a sequence ->
     the projection names, in model order."""
@@ -108,9 +100,6 @@ def apply_lora(model: nn.Module, targets="qv", rank: int = 8, alpha: float = 16.
                 if isinstance(base, nn.Linear):
                     setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
                     wrapped += 1
-        if any(isinstance(getattr(layer.mlp, name, None), LoRALinear) for name in MLP_PROJECTIONS):
-            # A partial, not a lambda: deepcopy of the model then binds the copy's own MLP.
-            layer.mlp.forward = functools.partial(_mlp_through_modules, layer.mlp)
     if "lm_head" in targets:
         if not isinstance(getattr(model, "lm_head", None), nn.Linear):
             raise ValueError("LoRA target lm_head: this model ties its output head to the embedding; drop lm_head")
@@ -164,8 +153,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent_name), child,
                 nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device,
                           dtype=module.weight.dtype))
-    for layer in model.layers:
-        layer.mlp.__dict__.pop("forward", None)  # back to the class's swiglu forward
     model.load_state_dict(merged)
     model.requires_grad_(True)
     return model

@@ -313,7 +313,8 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
 
     def forward(self, x):
-        return swiglu(x, self.w_gate.weight, self.w_up.weight, self.w_down.weight)
+        # Calls the Linear modules (not swiglu on their weights), so int8 or LoRA linears can stand in for them.
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Experts(nn.Module):

@@ -152,18 +152,6 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
     return module
 
 
-class SwiGLUMLP(nn.Module):
-    """Dense SwiGLU that calls its three linears as modules, so int8 linears can stand in for them
-    (model.MLP hands their `.weight`s to F.linear, which an int8 module does not have)."""
-
-    def __init__(self, w_gate: nn.Module, w_up: nn.Module, w_down: nn.Module):
-        super().__init__()
-        self.w_gate, self.w_up, self.w_down = w_gate, w_up, w_down
-
-    def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-
-
 class QuantizedExperts(nn.Module):
     """model.Experts with int8 (n_expert, out, in) weights and (n_expert, out) scales; same dispatch interface."""
 
@@ -211,20 +199,12 @@ def _absmax_per_channel(x: torch.Tensor) -> torch.Tensor:
 def activation_absmax(model: GPT, batches) -> dict[str, torch.Tensor]:
     """Per-channel max |activation| over `batches` (token ids (B, T), or (inputs, targets) pairs) at every
     smoothable input: "layers.{i}.attn_norm" / ".mlp_norm" outputs, ".attn.wo" inputs, and for dense MLPs
-    ".mlp.w_down" inputs (the SwiGLU hidden, recomputed from mlp_norm's output since MLP bypasses w_down's hook)."""
+    ".mlp.w_down" inputs (the SwiGLU hidden)."""
     stats: dict[str, torch.Tensor] = {}
 
     def record(name, x):
         absmax = _absmax_per_channel(x)
         stats[name] = torch.maximum(stats[name], absmax) if name in stats else absmax
-
-    def record_mlp_norm(prefix, mlp):
-        def hook(module, inputs, output):
-            record(f"{prefix}.mlp_norm", output)
-            if isinstance(mlp, MLP):
-                hidden = F.silu(F.linear(output, mlp.w_gate.weight)) * F.linear(output, mlp.w_up.weight)
-                record(f"{prefix}.mlp.w_down", hidden)
-        return hook
 
     hooks = []
     for i, layer in enumerate(model.layers):
@@ -232,8 +212,11 @@ def activation_absmax(model: GPT, batches) -> dict[str, torch.Tensor]:
         hooks += [
             layer.attn_norm.register_forward_hook(lambda m, inp, out, p=prefix: record(f"{p}.attn_norm", out)),
             layer.attn.wo.register_forward_pre_hook(lambda m, inp, p=prefix: record(f"{p}.attn.wo", inp[0])),
-            layer.mlp_norm.register_forward_hook(record_mlp_norm(prefix, layer.mlp)),
+            layer.mlp_norm.register_forward_hook(lambda m, inp, out, p=prefix: record(f"{p}.mlp_norm", out)),
         ]
+        if isinstance(layer.mlp, MLP):
+            hooks.append(layer.mlp.w_down.register_forward_pre_hook(
+                lambda m, inp, p=prefix: record(f"{p}.mlp.w_down", inp[0])))
     try:
         for batch in batches:
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -344,9 +327,6 @@ def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: fl
             _set_module(model, name, quantize_linear(module, mode))
         elif isinstance(module, Experts):
             _set_module(model, name, QuantizedExperts.from_experts(module, mode))
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MLP):
-            _set_module(model, name, SwiGLUMLP(module.w_gate, module.w_up, module.w_down))
     model.quantization = {"mode": mode, "skip": list(skip), "smooth_alpha": smooth_alpha}
     return model
 

@@ -259,7 +259,6 @@ def test_quantize_model_keeps_embedding_lm_head_and_router(mode):
         for module in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo,
                        layer.mlp.w_gate, layer.mlp.w_up, layer.mlp.w_down):
             assert type(module) is int8_class
-        assert isinstance(layer.mlp, quant.SwiGLUMLP)
     assert not any(type(m) is nn.Linear for name, m in dense.named_modules() if name != "lm_head")
 
     moe = quant.quantize_model(random_model(n_expert=4), mode)
