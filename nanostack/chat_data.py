@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanostack.data import jsonl_records
 from nanostack.objectives import sequence_logprobs
 from nanostack.tokenizer import ROLE_TOKENS
 
@@ -233,24 +234,6 @@ def multiple_choice_questions(entries, num_choices: int = 4) -> list[MultipleCho
 ROLES = tuple(ROLE_TOKENS)  # the roles the chat template knows
 
 
-def _jsonl_records(path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; a line that is not a JSON object -> ValueError at file:line."""
-    records = []
-    with open(path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}); expected one object per line") \
-                    from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append((line_number, record))
-    return records
-
-
 def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of messages, got {str(messages)[:80]!r}")
@@ -265,7 +248,7 @@ def _check_messages(messages, where: str) -> list[dict]:
 def read_chat_jsonl(path) -> list[list[dict]]:
     """Conversations from a jsonl file of {"messages": [...]}; each needs at least one assistant message."""
     conversations = []
-    for line_number, record in _jsonl_records(path):
+    for line_number, record in jsonl_records(path):
         messages = _check_messages(record.get("messages"), f"{path}:{line_number}")
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{path}:{line_number}: no assistant message, so nothing to train on")
@@ -286,7 +269,7 @@ def _response_text(value, where: str) -> str:
 def read_preference_jsonl(path) -> list[PreferenceExample]:
     """Preference pairs from a jsonl file of {"prompt": str or messages, "chosen": ..., "rejected": ...}."""
     pairs = []
-    for line_number, record in _jsonl_records(path):
+    for line_number, record in jsonl_records(path):
         where = f"{path}:{line_number}"
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
         if missing:

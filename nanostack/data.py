@@ -84,8 +84,9 @@ def _source_files(source: str) -> tuple[Path, list[Path]]:
     raise ValueError(f"source {source!r} is neither 'stdlib' nor an existing file or directory")
 
 
-def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
-    """One document per line of a JSON-lines file, from each object's "text" field."""
+def jsonl_records(path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSON-lines file (.gz too); errors name file:line."""
+    path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as lines:
         for line_number, line in enumerate(lines, start=1):
@@ -96,10 +97,18 @@ def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}); "
                                  f"expected one JSON object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{path}:{line_number}: expected an object with a string "text" field, '
-                                 f"got {line.strip()[:80]!r}")
-            yield Document(f"{name}:{line_number}", record["text"])
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {line.strip()[:80]!r}")
+            yield line_number, record
+
+
+def _jsonl_documents(path: Path, name: str) -> Iterator[Document]:
+    """One document per line of a JSON-lines file, from each object's "text" field."""
+    for line_number, record in jsonl_records(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f'{path}:{line_number}: expected an object with a string "text" field, '
+                             f"got {json.dumps(record)[:80]!r}")
+        yield Document(f"{name}:{line_number}", record["text"])
 
 
 def _parquet_documents(path: Path, name: str) -> Iterator[Document]:
