@@ -35,7 +35,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L
 @dataclass
 class TrainConfig:
     out_dir: str = "out/pretrain"   # run directory: step_*/ checkpoints, latest, metrics.jsonl
-    steps: int = 300                # optimizer steps in the whole run
+    steps: int = 600                # optimizer steps in the whole run
     batch_size: int = 8             # sequences per micro-batch (per rank)
     grad_accum: int = 1             # micro-batches per optimizer step
     lr: float = 0.0                 # peak learning rate; 0 = derived from the model's width
