@@ -29,7 +29,6 @@ embedded data the adapters alone get ~87% of full fine-tuning's held-out gain, w
 import argparse
 import copy
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 
 from nanostack import chat_data, checkpoint, distributed, lora, objectives
 from nanostack.atomic import write_json
-from nanostack.cli import add_dataclass_args, dataclass_from_args
+from nanostack.cli import add_dataclass_args, dataclass_from_args, run
 from nanostack.distributed import ParallelConfig
 from nanostack.model import default_learning_rate
 from nanostack.training import TrainConfig, autocast_context, resolve_device, train
@@ -362,7 +361,4 @@ def train_baseline(config, train_config, parallel, rank, datasets, seq_len, eval
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from nanostack.checkpoint import CheckpointError, resolve_checkpoint
 from nanostack.quant import MODES, load_for_serving, quantize_model
-from nanostack.cli import add_dataclass_args, dataclass_from_args
+from nanostack.cli import add_dataclass_args, dataclass_from_args, run
 from nanostack.serving.api import ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.speculative import SpeculativeConfig, Speculator
@@ -42,9 +42,9 @@ class ServeConfig:
 def default_model() -> str:
     """The most recently written checkpoint among DEFAULT_MODELS."""
     found = []
-    for run in DEFAULT_MODELS:
+    for run_dir in DEFAULT_MODELS:
         try:
-            found.append(((resolve_checkpoint(run) / "config.json").stat().st_mtime, run))
+            found.append(((resolve_checkpoint(run_dir) / "config.json").stat().st_mtime, run_dir))
         except (CheckpointError, OSError):
             continue
     if not found:
@@ -110,7 +110,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

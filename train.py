@@ -5,7 +5,6 @@ trains for a few minutes on CPU (or much bigger on a GPU, see README), checkpoin
 prints a sample. `--depth` is the one dial for model size; every other flag is listed by `--help`.
 """
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from nanostack import checkpoint, data, distributed, objectives
 from nanostack.distributed import ParallelConfig
-from nanostack.cli import add_dataclass_args, dataclass_from_args, given_fields
+from nanostack.cli import add_dataclass_args, dataclass_from_args, given_fields, run
 from nanostack.model import GPT, ModelConfig, default_learning_rate
 from nanostack.tokenizer import Tokenizer
 from nanostack.training import TrainConfig, bits_per_byte, resolve_device, train
@@ -136,7 +135,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanostack import data  # noqa: E402
-from nanostack.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
+from nanostack.cli import add_dataclass_args, dataclass_from_args, run  # noqa: E402
 from nanostack.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -32,8 +32,8 @@ class PrepareConfig:
     download_dir: str = ""  # where downloaded files go; empty means <out-dir>/raw
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse flags, download the source if it is remote, tokenize it into shards; returns the index."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, download the source if it is remote, tokenize it into shards; prints the index summary."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, PrepareConfig, title="prepare")
     config = dataclass_from_args(PrepareConfig, parser.parse_args(argv))
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{split}: {info['tokens']:,} tokens in {len(info['shards'])} shards, "
               f"{info['documents']:,} documents, {bytes_per_token:.2f} bytes/token")
     print(f"index: {out_dir / 'index.json'}")
-    return index
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

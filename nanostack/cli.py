@@ -7,6 +7,7 @@ the source. So the flags, their defaults and `--help` can never drift from the c
 import argparse
 import dataclasses
 import inspect
+import sys
 import io
 import tokenize
 import typing
@@ -87,3 +88,12 @@ def given_fields(cls, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> d
     """The fields of `cls` that were given on the command line (parsed with `defaults_to_none`)."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
             if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
+def run(main) -> None:
+    """Run a script's `main()` and exit with its code; bad input (a ValueError, CheckpointError included)
+    becomes one `error: ...` line on stderr and exit status 1 instead of a traceback."""
+    try:
+        sys.exit(main())
+    except ValueError as error:
+        sys.exit(f"error: {error}")

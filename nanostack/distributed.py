@@ -205,12 +205,19 @@ def consolidate(directory) -> None:
     checkpoint.write_manifest(directory)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """`python -m nanostack.distributed consolidate DIR`."""
     import argparse
     parser = argparse.ArgumentParser(description="Distributed-training utilities.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("consolidate", help="write model.safetensors for a sharded checkpoint (or run) directory") \
         .add_argument("directory")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     consolidate(args.directory)
     print(f"wrote {args.directory}/model.safetensors")
+    return 0
+
+
+if __name__ == "__main__":
+    from nanostack.cli import run
+    run(main)

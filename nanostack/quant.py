@@ -49,7 +49,6 @@ references. A quantized checkpoint stores int8 weights + fp32 scales (smoothing 
 """
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +61,7 @@ from kernels.int8_matmul import (int8_matmul, int8_matmul_reference, int8_weight
                                  int8_weight_only_matmul_reference, quantize_per_row)
 from nanostack import checkpoint, data
 from nanostack.atomic import write_json
-from nanostack.cli import add_dataclass_args, dataclass_from_args
+from nanostack.cli import add_dataclass_args, dataclass_from_args, run
 from nanostack.model import GPT, MLP, Experts
 from nanostack.tokenizer import Tokenizer
 from nanostack.training import bits_per_byte, resolve_device
@@ -513,7 +512,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, checkpoint.CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    run(main)

@@ -53,3 +53,22 @@ def test_train_script_help_documents_every_training_flag():
         assert "--" + field.name.replace("_", "-") in out.stdout
         assert comments[field.name], f"TrainConfig.{field.name} has no help comment"
     assert "--depth" in out.stdout and "--n-expert" in out.stdout
+
+
+def test_run_turns_bad_input_into_one_error_line_and_passes_exit_codes():
+    from nanostack.checkpoint import CheckpointError
+    from nanostack.cli import run
+    with pytest.raises(SystemExit) as done:
+        run(lambda: 3)
+    assert done.value.code == 3
+
+    def bad_input():
+        raise CheckpointError("no checkpoint at out/x")
+    with pytest.raises(SystemExit) as failed:
+        run(bad_input)
+    assert failed.value.code == "error: no checkpoint at out/x"  # printed to stderr, exit status 1
+
+    def bug():
+        raise KeyError("not user input")
+    with pytest.raises(KeyError):  # real bugs keep their traceback
+        run(bug)
