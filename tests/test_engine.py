@@ -12,6 +12,8 @@ from nanostack.model import GPT, ModelConfig
 from nanostack.sampling import SamplingParams
 from nanostack.serving.engine import Engine, EngineConfig, merge_outputs
 
+from greedy_reference import naive_greedy
+
 # conftest.py: `tokenizer` (tiny BPE), `sharpened_model` (fixed-seed random GPT factory), `one_thread`.
 pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_SEQ_LEN = 160
@@ -21,25 +23,6 @@ VARIANTS = {"gqa": {}, "moe": {"n_expert": 4, "n_expert_active": 2, "n_kv_head":
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def model(request, tokenizer, sharpened_model):
     return sharpened_model(tokenizer.vocab_size, MAX_SEQ_LEN, **VARIANTS[request.param])
-
-
-_naive_cache = {}
-
-
-@torch.no_grad()
-def naive_greedy(model, prompt, max_tokens, stop_ids=()):
-    """The obviously correct loop: full forward over everything so far, argmax, append, repeat."""
-    key = (id(model), tuple(prompt), max_tokens, tuple(sorted(stop_ids)))
-    if key not in _naive_cache:
-        ids, out = list(prompt), []
-        while len(out) < max_tokens and len(ids) < MAX_SEQ_LEN:
-            token = int(model(torch.tensor([ids]))[0, -1].argmax())
-            ids.append(token)
-            out.append(token)
-            if token in stop_ids:
-                break
-        _naive_cache[key] = out
-    return _naive_cache[key]
 
 
 def random_prompts(count, vocab, min_len, max_len, seed):

@@ -14,6 +14,8 @@ from nanostack.serving.engine import Engine, EngineConfig, merge_outputs
 from nanostack.serving.speculative import (SpeculativeConfig, Speculator, acceptance_probability, greedy_accept,
                                            ngram_propose, rejection_sample, residual_distribution)
 
+from greedy_reference import naive_greedy
+
 # conftest.py: `tokenizer` (tiny BPE), `sharpened_model` (fixed-seed random GPT factory), `one_thread`.
 pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_SEQ_LEN = 160
@@ -132,21 +134,6 @@ def test_config_and_draft_validation(sharpened_model):
 
 # ----------------------------------------------------------------------------------------------------------
 # In the engine: greedy equality, rollback invariants, stops, the off-switch
-
-_naive_cache = {}
-
-
-@torch.no_grad()
-def naive_greedy(model, prompt, max_tokens):
-    """Full forward over everything so far, argmax, append, repeat."""
-    key = (id(model), tuple(prompt), max_tokens)
-    if key not in _naive_cache:
-        ids = list(prompt)
-        while len(ids) - len(prompt) < max_tokens and len(ids) < MAX_SEQ_LEN:
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        _naive_cache[key] = ids[len(prompt):]
-    return _naive_cache[key]
-
 
 def repetitive_prompts(count, vocab, seed):
     """Prompts that repeat pieces of themselves, so n-gram lookup finds matches; some share a long prefix."""
