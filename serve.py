@@ -17,11 +17,12 @@ import sys
 from dataclasses import dataclass
 
 from nanostack.checkpoint import CheckpointError, resolve_checkpoint
-from nanostack.quant import MODES, load_for_serving, quantize_model
+from nanostack.quant import MODES
 from nanostack.cli import add_dataclass_args, dataclass_from_args, run
 from nanostack.serving.api import ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.speculative import SpeculativeConfig, Speculator
+from nanostack.serving.tensor_parallel import ModelSpec, Workers, broadcasting_forward, load_model
 from nanostack.training import compute_dtype, resolve_device
 
 DEFAULT_MODELS = ("out/sft", "out/dpo", "out/pretrain")
@@ -37,6 +38,7 @@ class ServeConfig:
     quant: str = ""                 # int8-wo | w8a8: quantize the linears on the fly (checkpoints saved by nanostack.quant load as they are)
     draft: str = ""                 # speculative decoding with this smaller checkpoint (same tokenizer) as the draft
     ngram: bool = False             # speculative decoding by n-gram prompt lookup (no draft model)
+    tp: int = 1                     # tensor parallel: split the model over this many GPUs of the node (cuda:0..N-1; on CPU, N processes)
 
 
 def default_model() -> str:
@@ -93,20 +95,28 @@ def main(argv=None) -> int:
         raise ValueError("--draft and --ngram are two ways to propose tokens: choose one")
     model = config.model or default_model()
     device = resolve_device(config.device)
-    dtype = compute_dtype(config.dtype, device)
-    loaded = load_for_serving(model, device)
-    network = loaded["model"].to(dtype)  # cast before quantizing, so the int8 scales stay fp32
-    if config.quant:
-        network = quantize_model(network, config.quant)
-    speculator = (Speculator.from_checkpoint(config.draft, speculative_config, device, dtype) if config.draft
-                  else Speculator(speculative_config) if config.ngram else None)
-    engine = Engine(network, loaded["tokenizer"], engine_config, speculator)
-    quantized = config.quant or (loaded["raw_config"].get("quantization") or {}).get("mode")
-    print(f"serving {resolve_checkpoint(model)} as '{server_config.served_model_name}' on {device}"
-          f"{f' ({quantized})' if quantized else ''}: "
-          f"{engine.model.num_params():,} parameters, {engine.blocks.num_blocks} KV blocks of "
-          f"{engine.config.block_size} tokens, max_model_len {engine.scheduler.config.max_model_len}", flush=True)
-    return asyncio.run(serve(create_app(engine, server_config), config.host, config.port))
+    spec = ModelSpec(str(resolve_checkpoint(model)), str(device), compute_dtype(config.dtype, device), config.quant)
+    workers = Workers(spec, config.tp) if config.tp > 1 else None
+    try:
+        loaded = load_model(spec, 0, config.tp)
+        network = loaded["model"]
+        speculator = (Speculator.from_checkpoint(config.draft, speculative_config, device, spec.dtype) if config.draft
+                      else Speculator(speculative_config) if config.ngram else None)
+        engine = Engine(network, loaded["tokenizer"], engine_config, speculator,
+                        forward=broadcasting_forward(network) if workers else None)
+        if workers:
+            workers.start(engine.blocks.num_blocks, engine.config.block_size, device)
+        quantized = config.quant or (loaded["raw_config"].get("quantization") or {}).get("mode")
+        parallel = f", tensor parallel over {config.tp} ranks (worker pids {workers.pids})" if workers else ""
+        print(f"serving {spec.path} as '{server_config.served_model_name}' on {device}"
+              f"{f' ({quantized})' if quantized else ''}: {network.num_params():,} "
+              f"parameters{' on this rank' if workers else ''}, {engine.blocks.num_blocks} KV blocks of "
+              f"{engine.config.block_size} tokens, max_model_len {engine.scheduler.config.max_model_len}{parallel}",
+              flush=True)
+        return asyncio.run(serve(create_app(engine, server_config), config.host, config.port))
+    finally:
+        if workers:
+            workers.stop(device)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def decode_step_report(decode_steps, model: GPT, dtype: torch.dtype, config: Ben
               "decode_step_ms": 1e3 * wall, "decode_step_cpu_ms": 1e3 * cpu}
     if config.device.startswith("cuda"):
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        kv_bytes = context * kv_bytes_per_block(model.config, 1, dtype)
+        kv_bytes = context * kv_bytes_per_block(model.kv_layout(), 1, dtype)
         bandwidth = measured_bandwidth(config.device)
         floor = (weight_bytes + kv_bytes) / bandwidth
         report.update({"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "bandwidth_gb_s": bandwidth / 1e9,

@@ -487,6 +487,11 @@ class GPT(nn.Module):
             x = layer(x, cos, sin, kv_cache=paged_kv)
         return self.lm_logits(x[batch.logits_indices])
 
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(n_layer, n_kv_head, head_dim) of the K/V this model computes: with tensor parallelism, its rank's heads."""
+        attn = self.layers[0].attn
+        return len(self.layers), attn.n_kv_head, attn.head_dim
+
     def moe_expert_load(self):
         """(n_layer, n_expert) share of the last forward's routed (token, slot) pairs per expert; None if dense."""
         if not self.config.n_expert:

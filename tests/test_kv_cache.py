@@ -5,7 +5,7 @@ import torch
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 
-from nanostack.model import ModelConfig
+from nanostack.model import GPT, ModelConfig
 from nanostack.serving.kv_cache import (BlockManager, allocate_kv_pools, block_hash, kv_bytes_per_block,
                                         num_blocks_for_budget)
 
@@ -160,12 +160,14 @@ def test_hash_chain_distinguishes_equal_blocks_with_different_prefixes():
 
 def test_pool_size_follows_the_memory_budget():
     config = ModelConfig(vocab_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
-    per_block = kv_bytes_per_block(config, block_size=16, dtype=torch.bfloat16)
+    layout = GPT(config).kv_layout()
+    assert layout == (3, 2, 16)
+    per_block = kv_bytes_per_block(layout, block_size=16, dtype=torch.bfloat16)
     assert per_block == 2 * 3 * 16 * 2 * 16 * 2  # K and V, layers, positions, kv heads, head_dim, bytes
-    assert num_blocks_for_budget(config, 10 * per_block + per_block - 1, 16, torch.bfloat16) == 10
+    assert num_blocks_for_budget(layout, 10 * per_block + per_block - 1, 16, torch.bfloat16) == 10
     with pytest.raises(ValueError, match="holds no block"):
-        num_blocks_for_budget(config, per_block - 1, 16, torch.bfloat16)
-    k_pools, v_pools = allocate_kv_pools(config, 10, 16, torch.bfloat16, "cpu")
+        num_blocks_for_budget(layout, per_block - 1, 16, torch.bfloat16)
+    k_pools, v_pools = allocate_kv_pools(layout, 10, 16, torch.bfloat16, "cpu")
     assert len(k_pools) == 3 and k_pools[0].shape == (10, 16, 2, 16) and v_pools[2].dtype == torch.bfloat16
     assert sum(p.numel() * p.element_size() for p in k_pools + v_pools) == 10 * per_block
 

@@ -109,10 +109,13 @@ class Engine:
     """Continuous-batching inference over a paged KV cache; see the module docstring."""
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None,
-                 speculator: Speculator | None = None):
+                 speculator: Speculator | None = None, forward=None):
+        """`forward(token_ids, batch, k_pools, v_pools) -> logits` runs a step's forward: by default
+        model.forward_serving; tensor_parallel.py passes one that first sends the step to the other ranks."""
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model.eval(), tokenizer
-        weight = model.tok_emb.weight
+        self.forward = forward or model.forward_serving
+        weight = model.norm.weight  # a norm stays in the compute dtype even when the linears are int8
         self.device, self.dtype = weight.device, weight.dtype
         max_len = config.max_model_len or model.config.max_seq_len
         if not 2 <= max_len <= model.config.max_seq_len:
@@ -124,7 +127,7 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
             BlockManager(self._num_blocks(max_len), config.block_size, config.enable_prefix_caching))
         self.blocks = self.scheduler.blocks
-        self.k_pools, self.v_pools = allocate_kv_pools(model.config, self.blocks.num_blocks, config.block_size,
+        self.k_pools, self.v_pools = allocate_kv_pools(model.kv_layout(), self.blocks.num_blocks, config.block_size,
                                                        self.dtype, self.device)
         self.speculator = speculator
         if speculator is not None:
@@ -141,12 +144,12 @@ class Engine:
         if config.num_blocks:
             return config.num_blocks
         if config.kv_cache_memory:
-            return num_blocks_for_budget(self.model.config, config.kv_cache_memory, config.block_size, self.dtype)
+            return num_blocks_for_budget(self.model.kv_layout(), config.kv_cache_memory, config.block_size, self.dtype)
         wanted = config.max_num_seqs * math.ceil(max_len / config.block_size)
         if self.device.type == "cuda":
             free_bytes, _ = torch.cuda.mem_get_info(self.device)
             # Leave room for activations and logits; the rest of the free memory may hold K/V.
-            affordable = int(0.8 * free_bytes) // kv_bytes_per_block(self.model.config, config.block_size, self.dtype)
+            affordable = int(0.8 * free_bytes) // kv_bytes_per_block(self.model.kv_layout(), config.block_size, self.dtype)
             wanted = min(wanted, affordable)
         return max(wanted, 1)
 
@@ -227,7 +230,7 @@ class Engine:
         # Prefill chunks first, then single tokens: the two attention paths each take one contiguous slice.
         chunks.sort(key=lambda c: c.num_tokens == 1)
         token_ids, batch, sample_rows, prompt_rows, draft_rows = self._prepare(chunks, proposals)
-        logits = self.model.forward_serving(token_ids, batch, self.k_pools, self.v_pools)  # (rows, vocab)
+        logits = self.forward(token_ids, batch, self.k_pools, self.v_pools)  # (rows, vocab)
 
         for chunk in chunks:
             if chunk.seq.request_id in proposals:  # computed length and caching wait for the acceptance

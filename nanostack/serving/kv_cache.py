@@ -10,7 +10,8 @@ Paging, as in vLLM, instead cuts the cache into fixed-size blocks of `block_size
     slot             block_id * block_size + offset: where a new token's K/V are written
 
 The pool size comes from a memory budget: each block costs 2 (K and V) * n_layer * block_size * n_kv_head *
-head_dim * bytes per element.
+head_dim * bytes per element. The functions take that layout, (n_layer, n_kv_head, head_dim), from
+`GPT.kv_layout()`, which counts the K/V heads a model holds: under tensor parallelism, its rank's share.
 
 Prefix caching. Requests often start with the same tokens (a system prompt, a chat history). A *full* block
 is identified by a hash chained over its parent block's hash and its own token ids, so equal hashes mean
@@ -30,18 +31,16 @@ from collections import OrderedDict, deque
 
 import torch
 
-from nanostack.model import ModelConfig
+
+def kv_bytes_per_block(layout: tuple[int, int, int], block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes over all layers, K and V together; layout = (n_layer, n_kv_head, head_dim)."""
+    n_layer, n_kv_head, head_dim = layout
+    return 2 * n_layer * block_size * n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes over all layers, K and V together."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.n_layer * block_size * config.n_kv_head * config.head_dim * itemsize
-
-
-def num_blocks_for_budget(config: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+def num_blocks_for_budget(layout: tuple[int, int, int], memory_bytes: int, block_size: int, dtype: torch.dtype) -> int:
     """How many blocks fit in memory_bytes of K/V pools."""
-    per_block = kv_bytes_per_block(config, block_size, dtype)
+    per_block = kv_bytes_per_block(layout, block_size, dtype)
     num_blocks = memory_bytes // per_block
     if num_blocks < 1:
         raise ValueError(f"a KV budget of {memory_bytes} bytes holds no block; one block of {block_size} "
@@ -49,9 +48,10 @@ def num_blocks_for_budget(config: ModelConfig, memory_bytes: int, block_size: in
     return num_blocks
 
 
-def allocate_kv_pools(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+def allocate_kv_pools(layout: tuple[int, int, int], num_blocks: int, block_size: int, dtype: torch.dtype, device):
     """Zeroed K and V pools, one (num_blocks, block_size, n_kv_head, head_dim) tensor per layer each."""
-    shape = (config.n_layer, num_blocks, block_size, config.n_kv_head, config.head_dim)
+    n_layer, n_kv_head, head_dim = layout
+    shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
     k_pools, v_pools = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
     return list(k_pools.unbind(0)), list(v_pools.unbind(0))
 
