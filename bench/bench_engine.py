@@ -13,6 +13,10 @@ The model is a random-weight GPT from `--depth`, saved as a checkpoint and expor
 `generate` call, left-padded: every row decodes until the longest output is done, and only each request's own
 output counts. Its raw rate (every generated token, padding work included) is reported too.
 
+`--tp 2` adds the engine split over two ranks (serving/tensor_parallel.py; GPUs cuda:0 and cuda:1, or two CPU
+processes on gloo) beside the one-rank engine: wall time, decode-step time and whether the tokens agree. On a CPU
+the ranks share the same cores (each gets half the threads), so only a GPU node shows what the split buys.
+
 The decode-step table times the engine's steps in which every request decodes one token. On CUDA it adds
 the memory-bandwidth bound of such a step: each step has to read every weight and the whole KV context
 once, so (weight bytes + KV bytes) / measured bandwidth (a large device-to-device copy) is a floor.
@@ -60,6 +64,7 @@ class BenchConfig:
     threads: int = 0                 # torch CPU threads, 0 = torch's default
     repeats: int = 1                 # timed runs per system; the best is kept (other load on the machine skews)
     skip_hf: bool = False            # engine only (e.g. when HF would not fit in memory)
+    tp: int = 0                      # also run the engine tensor-parallel over this many ranks (GPUs, or CPU processes)
 
 
 def workload(config: BenchConfig):
@@ -156,16 +161,39 @@ def decode_step_report(decode_steps, model: GPT, dtype: torch.dtype, config: Ben
     return report
 
 
+def save_as_checkpoint(model: GPT, directory) -> Path:
+    """The model as a checkpoint directory under `directory`."""
+    byte_tokenizer = Tokenizer(merges_to_ranks([]))  # a checkpoint needs one; the benchmark feeds ids
+    weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    return save_checkpoint(Path(directory) / "ckpt", weights, model.config, byte_tokenizer)
+
+
 def load_hf_twin(model: GPT, dtype: torch.dtype, device: str):
     """The same weights as a transformers model: saved as a checkpoint, exported with export_hf, loaded back."""
     from transformers import AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as tmp:
-        byte_tokenizer = Tokenizer(merges_to_ranks([]))  # a checkpoint needs one; the benchmark feeds ids
-        weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
-        save_checkpoint(Path(tmp) / "ckpt", weights, model.config, byte_tokenizer)
-        export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
+        export_hf(save_as_checkpoint(model, tmp), Path(tmp) / "hf")
         return AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype,
                                                     attn_implementation="sdpa").to(device).eval()
+
+
+def run_tensor_parallel(model: GPT, config: BenchConfig, prompts, output_lens, engine_config: EngineConfig):
+    """The same workload on an engine split over config.tp ranks (rank 0 here, the others spawned)."""
+    from nanostack.serving.tensor_parallel import ModelSpec, Workers, broadcasting_forward, load_model
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = ModelSpec(str(save_as_checkpoint(model, tmp)), config.device, getattr(torch, config.dtype))
+        workers = Workers(spec, config.tp)
+        try:
+            split = load_model(spec, 0, config.tp)["model"]
+            engine = Engine(split, None, engine_config, forward=broadcasting_forward(split))
+            workers.start(engine.blocks.num_blocks, engine.config.block_size, config.device)
+            warmup = workload(dataclasses.replace(config, num_requests=2, max_len=config.min_len + 8))
+            run_engine(engine, *warmup, config.device)
+            runs = [run_engine(engine, prompts, output_lens, config.device) for _ in range(config.repeats)]
+        finally:
+            workers.stop(config.device)
+    best = min(runs, key=lambda run: run[0][0])
+    return best[0], best[1], decode_step_report(best[2], split, split.norm.weight.dtype, config)
 
 
 def main() -> None:
@@ -181,8 +209,9 @@ def main() -> None:
     torch.manual_seed(config.seed)
     model_config = ModelConfig.from_depth(config.depth, config.vocab_size, max_seq_len=2 * config.max_len)
     model = GPT(model_config).to(device=config.device, dtype=dtype)
-    engine = Engine(model, None, EngineConfig(block_size=config.block_size, max_num_seqs=config.num_requests,
-                                              max_num_batched_tokens=config.max_num_batched_tokens))
+    engine_config = EngineConfig(block_size=config.block_size, max_num_seqs=config.num_requests,
+                                 max_num_batched_tokens=config.max_num_batched_tokens)
+    engine = Engine(model, None, engine_config)
     hf_model = None if config.skip_hf else load_hf_twin(model, dtype, config.device)
     warmup = workload(dataclasses.replace(config, num_requests=2, max_len=config.min_len + 8))
     run_engine(engine, *warmup, config.device)
@@ -233,6 +262,18 @@ def main() -> None:
     results["decode"] = decode_step_report(decode_steps, model, dtype, config)
     if results["decode"]:
         print_table([results["decode"]], title="engine steps where every request decodes")
+    if config.tp > 1:
+        (tp_wall, tp_cpu), tp_outputs, tp_decode = run_tensor_parallel(model, config, prompts, output_lens, engine_config)
+        same = sum(tp_outputs[r] == engine_outputs[r] for r in engine_outputs)
+        results["tensor_parallel"] = {"tp": config.tp, "seconds": tp_wall, "cpu_seconds_rank0": tp_cpu,
+                                      "tokens_per_s": total_output / tp_wall, "speedup_vs_tp1": engine_wall / tp_wall,
+                                      "identical_requests": same, "decode": tp_decode}
+        step_rows = [{"ranks": 1, **{k: results["decode"].get(k) for k in ("decode_step_ms", "mean_batch")},
+                      "tokens/s": total_output / engine_wall},
+                     {"ranks": config.tp, **{k: tp_decode.get(k) for k in ("decode_step_ms", "mean_batch")},
+                      "tokens/s": total_output / tp_wall}]
+        print_table(step_rows, title=f"tensor parallel: 1 vs {config.tp} ranks ({same}/{len(engine_outputs)} "
+                                     "requests with identical greedy tokens)")
     write_result("engine", results, config.device)
 
 
