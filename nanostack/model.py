@@ -538,7 +538,7 @@ class GPT(nn.Module):
                              f"max_seq_len={self.config.max_seq_len}")
         # The same sampler as the server (it validates temperature and top_k); every row shares `generator`.
         params = SamplingParams(max_tokens=max(max_new_tokens, 1), temperature=temperature, top_k=top_k or 0)
-        kv_cache = KVCache(self.config, batch, total_len, idx.device, self.tok_emb.weight.dtype)
+        kv_cache = KVCache(self.config, batch, total_len, idx.device, self.norm.weight.dtype)
         stop_ids = torch.tensor(sorted(stop_ids or []), dtype=idx.dtype, device=idx.device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         tokens = [idx]

@@ -36,13 +36,24 @@ can be folded into whatever produced X:
 So every smoothed linear is folded into weights and no extra multiply runs at inference. Dividing rows of
 wv or w_up by s does not change their own int8 error: their per-output-channel scales absorb it.
 
-What stays high precision (`skip`, default tok_emb, lm_head, router): the embedding is a table lookup (no
-matmul to speed up); the LM head's logits feed the sampler directly and it is one layer, so it is kept; the
-MoE router is tiny and its top-k choice flips on small logit differences. MoE experts ARE quantized: they
-hold most of an MoE model's weights, and each expert is an ordinary SwiGLU over its tokens.
+What stays high precision (`skip`, default: the MoE router only). The embedding is an int8 table with one
+scale per row, i.e. per token, so a rare token with large entries does not coarsen the others; a lookup
+gathers the int8 rows of its ids and scales only those. The LM head is int8 weight-only in both modes: its
+input is the final norm's output and its logits go straight to the sampler, so per-token activation rounding
+there buys prefill speed on one layer at the price of the logits the sampler sees. W8A8 would save no bytes
+(the stored weight is the same); measured, it left bits per byte unchanged within noise and lowered top-1
+agreement with full precision a little in every model tried (bench/results/quant-cpu.json). With tied
+embeddings one int8 table is both: the head's per-output-channel scales are the embedding's per-row scales,
+and it is stored once; it stays high precision if either name is in `skip`. (GPT.lm_logits reads
+`tok_emb.weight`, which Int8Embedding dequantizes on access, so a tied head multiplies by a transient float
+copy rather than through the int8 kernel.) The MoE router is tiny and its top-k choice flips on small logit
+differences. MoE experts ARE quantized: they hold most of an MoE model's weights, and each expert is an
+ordinary SwiGLU over its tokens. In a small model the embedding and head are a large share of the weights (40%
+of the benchmark's), so quantizing them takes the whole model from 0.70x to 0.50x of its bf16 bytes, for a
+bits-per-byte change of a few 1e-4 or less.
 
 On CUDA the linears call the Triton kernels in kernels/int8_matmul.py; elsewhere their plain-torch
-references. A quantized checkpoint stores int8 weights + fp32 scales (smoothing already folded) and a
+references. A quantized checkpoint stores int8 weights + their scales (smoothing already folded) and a
 "quantization" entry in config.json; `load_quantized` rebuilds it, `load_for_serving` takes either kind.
 
     python -m nanostack.quant --model out/pretrain --mode w8a8 --out out/w8a8 --report true
@@ -67,7 +78,12 @@ from nanostack.tokenizer import Tokenizer
 from nanostack.training import bits_per_byte, resolve_device
 
 MODES = ("int8-wo", "w8a8")
-DEFAULT_SKIP = ("tok_emb", "lm_head", "router")
+# Modules left in high precision by default (see the module docstring for why each of these may stay).
+DEFAULT_SKIP = ("router",)
+# Names `skip` accepts even where the model lacks them (a tied model has no lm_head module, a dense one no router).
+SKIPPABLE = ("tok_emb", "lm_head", "router")
+# The LM head is weight-only int8 in both modes: see the module docstring.
+LM_HEAD_MODE = "int8-wo"
 # Floor for max|X_j| and max|W_:,j| in the SmoothQuant formula: a channel that is never active gets a finite s.
 SMOOTH_EPS = 1e-5
 # The Triton kernels run on CUDA. On CPU the plain-torch references run, even under TRITON_INTERPRET=1, where
@@ -149,6 +165,48 @@ def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
     module = LINEAR_CLASSES[mode](linear.in_features, linear.out_features).to(linear.weight.device)
     module.weight_int8, module.weight_scale = quantize_weight(linear.weight)
     return module
+
+
+def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 with the scale stored in scale_dtype: weight (rows, cols) -> (int8 (rows, cols), scale (rows,)).
+
+    The values are rounded against the stored (possibly bf16-rounded) scale, so q * scale is within scale / 2
+    of every weight; a scale rounded down by bf16 only clamps the largest entry, by less than a quarter step."""
+    scale = (weight.detach().float().abs().amax(-1) / 127).to(scale_dtype)
+    divisor = torch.where(scale > 0, scale.float(), 1.0)  # a zero row keeps scale 0 and stores zeros
+    weight_int8 = torch.round(weight.detach().float() / divisor[..., None]).clamp_(-127, 127).to(torch.int8)
+    return weight_int8, scale
+
+
+class Int8Embedding(nn.Module):
+    """Int8 stand-in for nn.Embedding: an int8 (vocab, dim) table with one scale per row (one token's vector).
+
+    The scale is kept in the activation dtype (it is cast along with the model), which is the dtype a lookup
+    returns. A lookup gathers the int8 rows of its ids and scales only those, never the whole table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.zeros(num_embeddings, dtype=dtype))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8Embedding":
+        """Quantize an nn.Embedding's table per row; the scales keep the table's dtype."""
+        weight = embedding.weight
+        module = cls(*weight.shape, dtype=weight.dtype).to(weight.device)
+        module.weight_int8, module.weight_scale = quantize_rows(weight, weight.dtype)
+        return module
+
+    def forward(self, ids):
+        rows = self.weight_int8[ids].to(self.weight_scale.dtype)  # (..., dim): int8 values, exact in any float
+        return rows * self.weight_scale[ids].unsqueeze(-1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (vocab, dim) table, built anew on each access, for code that reads `tok_emb.weight`:
+        GPT.lm_logits with tied embeddings; generate, speculative drafting and the engine (its dtype/device)."""
+        return self.weight_int8.to(self.weight_scale.dtype) * self.weight_scale[:, None]
 
 
 class QuantizedExperts(nn.Module):
@@ -296,10 +354,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: float | None = None,
                    calibration_batches=None) -> GPT:
-    """Swap the model's linears (and MoE experts) for int8 ones in place, except modules matched by `skip`.
+    """Swap the model's embedding, linears and MoE experts for int8 ones in place, except modules matched by `skip`.
 
-    mode "int8-wo" (W8A16) or "w8a8"; for w8a8, `smooth_alpha` first folds SmoothQuant scales calibrated on
-    `calibration_batches` (token ids (B, T) or (inputs, targets) pairs from the training corpus).
+    mode "int8-wo" (W8A16) or "w8a8" (the LM head is weight-only in both); for w8a8, `smooth_alpha` first folds
+    SmoothQuant scales calibrated on `calibration_batches` (token ids (B, T) or (inputs, targets) pairs from
+    the training corpus).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
@@ -307,9 +366,9 @@ def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: fl
         raise ValueError(f"the model is already quantized ({model.quantization}); start from full precision")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     names = [name for name, _ in model.named_modules()]
-    unknown = [entry for entry in skip if entry not in DEFAULT_SKIP and not any(is_skipped(n, [entry]) for n in names)]
+    unknown = [entry for entry in skip if entry not in SKIPPABLE and not any(is_skipped(n, [entry]) for n in names)]
     if unknown:
-        raise ValueError(f"skip entries {unknown} match no module; use names such as {DEFAULT_SKIP}, 'wo', "
+        raise ValueError(f"skip entries {unknown} match no module; use names such as {SKIPPABLE}, 'wo', "
                          f"'experts' or 'layers.0'")
     if smooth_alpha is not None:
         if mode != "w8a8":
@@ -319,11 +378,15 @@ def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: fl
             raise ValueError("smooth_alpha needs calibration_batches (a few batches of the training corpus)")
         smooth_model(model, calibration_batches, smooth_alpha)
 
+    # With tied embeddings one table is both the embedding and the LM head: keeping either keeps it.
+    keep_table = model.config.tie_embeddings and is_skipped("lm_head", skip)
     for name, module in list(model.named_modules()):
         if is_skipped(name, skip):
             continue
-        if isinstance(module, nn.Linear):
-            _set_module(model, name, quantize_linear(module, mode))
+        if isinstance(module, nn.Embedding) and not keep_table:
+            _set_module(model, name, Int8Embedding.from_embedding(module))
+        elif isinstance(module, nn.Linear):
+            _set_module(model, name, quantize_linear(module, LM_HEAD_MODE if name == "lm_head" else mode))
         elif isinstance(module, Experts):
             _set_module(model, name, QuantizedExperts.from_experts(module, mode))
     model.quantization = {"mode": mode, "skip": list(skip), "smooth_alpha": smooth_alpha}
@@ -465,7 +528,7 @@ class QuantConfig:
     out: str = ""                   # output checkpoint directory; empty = out/quant-<mode>
     smooth_alpha: float = 0.5       # w8a8 only: SmoothQuant migration strength in (0, 1]; 0 = no smoothing
     calibration_batches: int = 8    # training-split batches for SmoothQuant activation statistics
-    keep_high_precision: str = ",".join(DEFAULT_SKIP)  # comma-separated modules left unquantized
+    keep_high_precision: str = ",".join(DEFAULT_SKIP)  # modules kept high precision, e.g. tok_emb,lm_head,router
     data_dir: str = "out/data/stdlib"  # token shards the model was trained on (calibration and --report)
     batch_size: int = 8             # sequences per calibration / evaluation batch
     seq_len: int = 0                # tokens per sequence; 0 = the model's max_seq_len

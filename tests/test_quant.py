@@ -1,8 +1,9 @@
-"""Tests for nanostack/quant.py: int8 rounding bounds, the quantized linears against float64 references built
-from the same int8 values and scales (CPU path and the Triton kernels through the interpreter), SmoothQuant
-folding (exact in float64, balancing ranges, helping on outlier channels), which modules are quantized,
-checkpoints, bits per byte of a briefly trained model, weight bytes, generation (model.generate and the serving
-engine) and the command line."""
+"""Tests for nanostack/quant.py: int8 rounding bounds, the int8 embedding and quantized linears against float64
+references built from the same int8 values and scales (CPU path and the Triton kernels through the
+interpreter), SmoothQuant folding (exact in float64, balancing ranges, helping on outlier channels), which
+modules are quantized (tied embeddings included), checkpoints, bits per byte of a briefly trained model, weight
+bytes against a count from the parameter shapes, generation (model.generate and the serving engine) and the
+command line."""
 import inspect
 import json
 import textwrap
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from kernels import int8_matmul as int8_module
 from kernels.int8_matmul import quantize_per_row
@@ -23,6 +25,8 @@ from nanostack.tokenizer import Tokenizer
 from nanostack.training import bits_per_byte
 
 CAN_RUN_KERNELS = int8_module.INTERPRET or torch.cuda.is_available()
+# Small matmuls on a shared 2-core machine: a second torch thread only contends (conftest.py's `one_thread`).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -80,6 +84,42 @@ def test_quantize_weight_handles_stacked_experts_row_by_row():
         assert torch.equal(q[e], q_e) and torch.equal(scale[e], scale_e)
 
 
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(vocab=st.integers(1, 40), dim=st.integers(1, 48), log_scale=st.floats(-6, 4), outlier=st.booleans(),
+       zero_row=st.booleans(), bf16=st.booleans(), ids_shape=st.sampled_from([(7,), (2, 5)]),
+       seed=st.integers(0, 2**16))
+def test_int8_embedding_lookup_is_the_dequantized_row_within_half_a_step(vocab, dim, log_scale, outlier, zero_row,
+                                                                         bf16, ids_shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    embedding = nn.Embedding(vocab, dim)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.randn(vocab, dim, generator=generator) * 10**log_scale)
+        if outlier:
+            embedding.weight[0, dim // 2] *= 80
+        if zero_row:
+            embedding.weight[-1] = 0
+    embedding = embedding.to(dtype)
+    module = quant.Int8Embedding.from_embedding(embedding)
+    table, scale = module.weight_int8, module.weight_scale
+    assert table.dtype == torch.int8 and table.shape == (vocab, dim) and scale.shape == (vocab,)
+    assert scale.dtype == dtype  # the scale lives in the activation dtype, which the lookup returns
+
+    ids = torch.randint(0, vocab, ids_shape, generator=generator)  # repeats included
+    looked_up = module(ids)
+    assert looked_up.shape == (*ids_shape, dim) and looked_up.dtype == dtype
+    assert torch.equal(looked_up, quant.dequantize(table, scale)[ids].to(dtype))
+
+    weight = embedding.weight.detach().double()
+    expected_scale = weight.abs().amax(1) / 127  # independent float64 scale, then rounded to the stored dtype
+    assert torch.allclose(scale.double(), expected_scale, rtol=2**-8 if bf16 else 1e-6, atol=0)
+    error = (quant.dequantize(table, scale).double() - weight).abs()
+    # Half a step of the scale as stored, plus fp32 rounding of w / s (a few ulps of a 127-step range).
+    assert (error <= scale.double()[:, None] * (0.5 + 2e-5)).all()
+    if zero_row:
+        assert scale[-1] == 0 and (table[-1] == 0).all()
+
+
 def quantization_error_bound(x, weight_int8, weight_scale, x_scale=None):
     """|x W^T - x' W'^T| <= sum_k |x_k| dw + |w'_k| dx + dx dw, with dw, dx half a step (float64)."""
     w = quant.dequantize(weight_int8, weight_scale).double()
@@ -133,20 +173,22 @@ def test_quantized_linear_matches_float64_reference(mode, on_kernels, monkeypatc
     assert ((out - exact).abs() <= bound * (1 + 1e-4) + 1e-5).all()
 
 
-@pytest.mark.parametrize("n_expert", [0, 4])
-def test_weight_only_model_matches_dequantized_float64_model(n_expert):
-    # Second code path: a float64 GPT whose weights are the dequantized int8 ones, no int8 arithmetic.
-    model = random_model(seed=2, n_expert=n_expert)
-    quantized = quant.quantize_model(same_weights(model), "int8-wo")
+@pytest.mark.parametrize("overrides", [{}, {"n_expert": 4}, {"tie_embeddings": True}])
+def test_weight_only_model_matches_dequantized_float64_model(overrides):
+    # Second code path: a float64 GPT whose weights are the dequantized int8 ones, no int8 arithmetic. Tied,
+    # its one table is both the embedding and the head, so the head's scales are the embedding's row scales.
+    model = random_model(seed=2, **overrides)
+    quantized = quant.quantize_model(same_weights(model), "int8-wo", skip=())
     reference = same_weights(model).double()
     state = {}
     for name, module in quantized.named_modules():
-        if isinstance(module, quant.Int8WeightOnlyLinear):
+        if isinstance(module, (quant.Int8WeightOnlyLinear, quant.Int8Embedding)):
             state[f"{name}.weight"] = quant.dequantize(module.weight_int8, module.weight_scale)
         elif isinstance(module, quant.QuantizedExperts):
             for matrix in module.MATRICES:
                 state[f"{name}.{matrix}"] = quant.dequantize(getattr(module, f"{matrix}_int8"),
                                                              getattr(module, f"{matrix}_scale"))
+    assert "tok_emb.weight" in state and ("lm_head.weight" in state) != model.config.tie_embeddings
     reference.load_state_dict({**reference.state_dict(), **{k: v.double() for k, v in state.items()}})
     ids = random_ids(3)
     with torch.no_grad():
@@ -251,21 +293,34 @@ def test_smoothing_reduces_w8a8_error_on_outlier_channels():
 # quantize_model: what gets quantized, and errors
 
 @pytest.mark.parametrize("mode", quant.MODES)
-def test_quantize_model_keeps_embedding_lm_head_and_router(mode):
+def test_quantize_model_by_default_keeps_only_the_router(mode):
     dense = quant.quantize_model(random_model(), mode)
     int8_class = quant.LINEAR_CLASSES[mode]
-    assert type(dense.tok_emb) is nn.Embedding and type(dense.lm_head) is nn.Linear
+    assert type(dense.tok_emb) is quant.Int8Embedding
+    assert type(dense.lm_head) is quant.Int8WeightOnlyLinear  # weight-only in both modes
     for layer in dense.layers:
         for module in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo,
                        layer.mlp.w_gate, layer.mlp.w_up, layer.mlp.w_down):
             assert type(module) is int8_class
-    assert not any(type(m) is nn.Linear for name, m in dense.named_modules() if name != "lm_head")
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in dense.modules())
 
     moe = quant.quantize_model(random_model(n_expert=4), mode)
     for layer in moe.layers:
         assert type(layer.mlp.router) is nn.Linear
         assert isinstance(layer.mlp.experts, quant.QuantizedExperts) and layer.mlp.experts.mode == mode
     assert moe.quantization == {"mode": mode, "skip": list(quant.DEFAULT_SKIP), "smooth_alpha": None}
+
+    kept = quant.quantize_model(random_model(), mode, skip=("tok_emb", "lm_head", "router"))
+    assert type(kept.tok_emb) is nn.Embedding and type(kept.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("skip,table_quantized", [((), True), (("router",), True), (("lm_head",), False),
+                                                  (("tok_emb",), False), (("tok_emb", "lm_head", "router"), False)])
+def test_tied_table_is_quantized_only_when_neither_name_is_kept(skip, table_quantized):
+    # A tied model has no lm_head module: "lm_head" is still an accepted skip entry, and it keeps the table.
+    model = quant.quantize_model(random_model(tie_embeddings=True), "w8a8", skip=skip)
+    assert not hasattr(model, "lm_head")
+    assert type(model.tok_emb) is (quant.Int8Embedding if table_quantized else nn.Embedding)
 
 
 def test_quantize_model_honours_custom_skip():
@@ -298,22 +353,32 @@ def test_quantize_model_rejects_bad_arguments():
         quant.quantize_linear(nn.Linear(4, 4), "w8a8")
 
 
-def test_weight_bytes_are_at_most_055_of_bf16_when_linears_dominate():
-    # A small vocabulary, so the int8 linears hold nearly all parameters (at the default skip).
-    model = random_model(vocab_size=32, n_embd=128, n_head=2, n_kv_head=2, n_layer=3)
-    c = model.config
-    quantized = quant.quantize_model(same_weights(model), "int8-wo")
-    # Counted from the config alone: int8 matrices at 1 byte, one bf16 scale per output channel, the
-    # embedding, LM head and norms at 2 bytes.
-    linear_outputs = c.n_layer * (2 * c.n_embd + 2 * c.n_kv_head * c.head_dim + 2 * c.mlp_hidden + c.n_embd)
-    linear_weights = c.n_layer * (2 * c.n_embd**2 + 2 * c.n_embd * c.n_kv_head * c.head_dim
-                                  + 3 * c.n_embd * c.mlp_hidden)
-    high_precision = 2 * c.vocab_size * c.n_embd + (2 * c.n_layer + 1) * c.n_embd
-    expected = linear_weights + 2 * (linear_outputs + high_precision)
-    bf16_bytes = 2 * (linear_weights + high_precision)
-    assert quant.weight_bytes(quantized) == expected
+@pytest.mark.parametrize("tie", [False, True])
+def test_whole_model_weight_bytes_are_at_most_055_of_bf16_with_a_large_embedding(tie):
+    # A 1024-token vocabulary on a 1-layer, 64-wide model: the embedding (and head) hold most of the weights.
+    model = random_model(vocab_size=1024, n_layer=1, tie_embeddings=tie)
+    table_share = model.tok_emb.weight.numel() * (1 if tie else 2) / model.num_params()
+    assert table_share > 0.5
+
+    def expected_bytes(skip) -> int:
+        """From the float model's parameter shapes: a quantized matrix is 1 byte per entry plus one 2-byte scale
+        per row (output channel, or token for the embedding); everything else 2 bytes per entry. Tied
+        parameters appear once in named_parameters."""
+        total = 0
+        for name, param in model.named_parameters():
+            kept = param.dim() == 1 or any(entry in name.split(".") for entry in skip)
+            rows = param.numel() // param.shape[-1]
+            total += 2 * param.numel() if kept else param.numel() + 2 * rows
+        return total
+
+    bf16_bytes = 2 * model.num_params()
     assert quant.weight_bytes(model) == bf16_bytes
-    assert expected <= 0.55 * bf16_bytes
+    new_default = quant.quantize_model(same_weights(model), "int8-wo")
+    old_default = quant.quantize_model(same_weights(model), "int8-wo", skip=("tok_emb", "lm_head", "router"))
+    assert quant.weight_bytes(new_default) == expected_bytes(quant.DEFAULT_SKIP)
+    assert quant.weight_bytes(old_default) == expected_bytes(("tok_emb", "lm_head"))
+    assert quant.weight_bytes(new_default) <= 0.55 * bf16_bytes
+    assert quant.weight_bytes(old_default) > 0.7 * bf16_bytes  # what keeping the table in bf16 costs here
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,11 +397,15 @@ def test_quantized_generate_matches_full_recompute_greedy(mode):
     assert torch.equal(generated, tokens)
 
 
+@pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("mode", quant.MODES)
-def test_quantized_model_served_by_the_engine_matches_naive_greedy(mode):
-    model = random_model(seed=17, max_seq_len=48)
+def test_fully_quantized_model_served_by_the_engine_matches_naive_greedy(mode, tie):
+    # Everything in int8: the engine reaches the embedding and the head through forward_serving.
+    model = random_model(seed=17, max_seq_len=48, tie_embeddings=tie)
     calibration = [random_ids(18)] if mode == "w8a8" else None
-    quant.quantize_model(model, mode, smooth_alpha=0.5 if calibration else None, calibration_batches=calibration)
+    quant.quantize_model(model, mode, skip=(), smooth_alpha=0.5 if calibration else None,
+                         calibration_batches=calibration)
+    assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules())
     prompts = [random_ids(19 + i, batch=1, length=length)[0].tolist() for i, length in enumerate((5, 11, 3))]
     engine = Engine(model, config=EngineConfig(block_size=4, max_num_seqs=4, max_num_batched_tokens=16))
     outputs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
@@ -374,6 +443,24 @@ def test_quantized_checkpoint_round_trip(tmp_path, tokenizer, mode, smooth_alpha
     # Training and fine-tuning load through checkpoint.load_checkpoint: a quantized checkpoint must not load.
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load_checkpoint(tmp_path / "q")
+
+
+@pytest.mark.parametrize("mode,smooth_alpha", [("int8-wo", None), ("w8a8", 0.5)])
+def test_tied_quantized_checkpoint_stores_one_table(tmp_path, tokenizer, mode, smooth_alpha):
+    model = random_model(seed=9, vocab_size=tokenizer.vocab_size, tie_embeddings=True)
+    calibration = [random_ids(10, vocab=tokenizer.vocab_size)] if smooth_alpha else None
+    quant.quantize_model(model, mode, smooth_alpha=smooth_alpha, calibration_batches=calibration)
+    quant.save_quantized(model, tokenizer, tmp_path / "tied")
+    stored = load_file(tmp_path / "tied" / "model.safetensors")
+    tables = [name for name, t in stored.items() if t.shape == (tokenizer.vocab_size, model.config.n_embd)]
+    assert tables == ["tok_emb.weight_int8"] and stored["tok_emb.weight_int8"].dtype == torch.int8
+    assert not any(name.startswith("lm_head") for name in stored)
+
+    ids = random_ids(11, vocab=tokenizer.vocab_size)
+    for loaded in (quant.load_quantized(tmp_path / "tied"), quant.load_for_serving(tmp_path / "tied")):
+        assert loaded["model"].config.tie_embeddings
+        with torch.no_grad():
+            assert torch.equal(loaded["model"](ids), model(ids))
 
 
 def test_load_for_serving_reads_plain_checkpoints(tmp_path, tokenizer):

@@ -257,11 +257,11 @@ class Speculator:
     def _draft(self, seq, num_tokens: int) -> Proposal:
         """Sample num_tokens tokens from the draft model, continuing its cache for this sequence."""
         model, params, tokens = self.draft_model, seq.params, seq.token_ids
-        device = model.tok_emb.weight.device
+        device = model.norm.weight.device
         state = self.states.get(seq.request_id)
         if state is None:
             seed = None if params.seed is None else (params.seed + DRAFT_SEED_OFFSET) % 2**63
-            state = _DraftState(KVCache(model.config, 1, model.config.max_seq_len, device, model.tok_emb.weight.dtype),
+            state = _DraftState(KVCache(model.config, 1, model.config.max_seq_len, device, model.norm.weight.dtype),
                                 [], make_generator(seed, device))
             self.states[seq.request_id] = state
         # Rollback: keep the longest prefix the cache shares with the sequence (at least one token is fed).

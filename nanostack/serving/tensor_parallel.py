@@ -131,7 +131,7 @@ def load_model(spec: ModelSpec, rank: int = 0, world_size: int = 1) -> dict:
     from nanostack.quant import load_for_serving, quantize_model  # quant imports the serving engine's neighbours
     device = spec.device if rank == 0 else (f"cuda:{rank}" if torch.device(spec.device).type == "cuda" else "cpu")
     loaded = load_for_serving(spec.path, "cpu" if world_size > 1 else device)
-    model = loaded["model"].to(spec.dtype)  # cast before quantizing, so the int8 scales stay fp32
+    model = loaded["model"].to(spec.dtype)  # cast first: quantization reads the weights in the dtype they will be served in
     model = shard_model(model, rank, world_size)
     if spec.quant:
         model = quantize_model(model, spec.quant)
