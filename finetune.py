@@ -26,7 +26,6 @@ LoRA from a pretrained model: add lm_head to --lora-targets (e.g. `attn,lm_head`
 <|end|> was never a pretraining target, and a frozen output head cannot learn to predict it; on the
 embedded data the adapters alone get ~87% of full fine-tuning's held-out gain, with lm_head ~99%.
 """
-import argparse
 import copy
 import re
 import time
@@ -37,7 +36,7 @@ import torch
 
 from nanostack import chat_data, checkpoint, distributed, lora, objectives
 from nanostack.atomic import write_json
-from nanostack.cli import add_dataclass_args, dataclass_from_args, run
+from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.distributed import ParallelConfig
 from nanostack.model import default_learning_rate
 from nanostack.training import TrainConfig, autocast_context, resolve_device, train
@@ -83,7 +82,7 @@ def finetune_learning_rate(model_config, mode: str, lora_rank: int) -> float:
 
 def parse_args(argv=None):
     """Flags from FinetuneConfig, TrainConfig (with fine-tuning defaults) and ParallelConfig."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_dataclass_args(parser, FinetuneConfig, "fine-tuning")
     add_dataclass_args(parser, TrainConfig, "training")
     add_dataclass_args(parser, ParallelConfig, "parallelism (under torchrun)")
@@ -156,20 +155,14 @@ def load_init(path, device) -> dict:
     return checkpoint.load_checkpoint(path, device)
 
 
-def load_teacher(path: str, student_tokenizer, device):
+def load_teacher(path: str, student_tokenizer, device, student_tokenizer_path="the student's tokenizer.json"):
     """The distillation teacher; its tokenizer must be the student's, token for token."""
     if not path:
         raise ValueError("--mode distill needs --teacher CHECKPOINT_DIR (e.g. a larger fine-tuned model)")
     loaded = load_init(path, device)
-    teacher_tokenizer = loaded["tokenizer"]
-    same = (teacher_tokenizer.mergeable_ranks == student_tokenizer.mergeable_ranks
-            and teacher_tokenizer.special_tokens == student_tokenizer.special_tokens
-            and teacher_tokenizer.pattern == student_tokenizer.pattern)
-    if not same:
-        raise ValueError(f"the teacher in {loaded['directory']} uses a different tokenizer ({teacher_tokenizer}) "
-                         f"from the student's ({student_tokenizer}): distillation compares next-token "
-                         f"distributions, so both must share one tokenizer.json; train the teacher with the "
-                         f"student's tokenizer")
+    # Distillation compares next-token distributions position by position: the same ids must mean the same text.
+    checkpoint.require_same_tokenizer(student_tokenizer, student_tokenizer_path, loaded["tokenizer"],
+                                      loaded["directory"] / "tokenizer.json", "teacher")
     return loaded["model"]
 
 
@@ -268,7 +261,8 @@ def main(argv=None) -> int:
 
     init = load_init(config.init, device)
     model, tokenizer, model_config = init["model"], init["tokenizer"], init["config"]
-    teacher = load_teacher(config.teacher, tokenizer, device) if config.mode == "distill" else None
+    teacher = (load_teacher(config.teacher, tokenizer, device, init["directory"] / "tokenizer.json")
+               if config.mode == "distill" else None)
     seq_len = config.seq_len or model_config.max_seq_len
     if not 1 <= seq_len <= model_config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} must be in 1..{model_config.max_seq_len} (the model's max_seq_len)")

@@ -1,10 +1,18 @@
 """Pretrain a GPT on a text corpus: `python train.py` trains a tiny model on the Python standard library.
 
+    python train.py                                   # ~3 minutes on 2 CPU cores: out/tokenizer.json, out/data/,
+                                                      # out/pretrain/ (checkpoints, metrics.jsonl), then a sample
+    python train.py --depth 6 --steps 2000            # a bigger model (--depth is the one size dial), longer
+    python train.py --resume true                     # continue out/pretrain exactly where it stopped
+    python train.py --source my_texts/ --tokenizer out/mine/tokenizer.json --out-dir out/mine
+    torchrun --standalone --nproc_per_node=8 train.py --strategy fsdp --depth 12 ...   # a GPU node (README)
+
 With no flags it trains a tokenizer (or reuses out/tokenizer.json), tokenizes the corpus into out/data/,
 trains for a few minutes on CPU (or much bigger on a GPU, see README), checkpoints to out/pretrain/ and
-prints a sample. `--depth` is the one dial for model size; every other flag is listed by `--help`.
+prints a sample. Next: `python finetune.py` (chat SFT) and `python serve.py` pick up out/pretrain by default.
+Out of memory on a GPU? Lower --batch-size and raise --grad-accum (same global batch), or add
+--activation-checkpointing full.
 """
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +21,7 @@ import torch
 
 from nanostack import checkpoint, data, distributed, objectives
 from nanostack.distributed import ParallelConfig
-from nanostack.cli import add_dataclass_args, dataclass_from_args, given_fields, run
+from nanostack.cli import add_dataclass_args, dataclass_from_args, given_fields, make_parser, run
 from nanostack.model import GPT, ModelConfig, default_learning_rate
 from nanostack.tokenizer import Tokenizer
 from nanostack.training import TrainConfig, bits_per_byte, resolve_device, train
@@ -26,7 +34,7 @@ class PretrainConfig:
     tokenizer: str = "out/tokenizer.json"  # tokenizer file: reused if it exists, else trained and saved here
     vocab_size: int = 4096          # vocabulary size when a tokenizer is trained (ordinary + special tokens)
     tokenizer_max_mb: float = 8.0   # megabytes of corpus text used to train the tokenizer
-    data_dir: str = ""              # token shards; empty = out/data/<source name>
+    data_dir: str = ""              # token shards; empty = data/<source name> beside --tokenizer
     val_fraction: float = 0.02      # share of documents held out for validation (split by document)
     depth: int = 3                  # model size dial: width = 64 * depth, heads of 64 dims, lr scaled to match
     seq_len: int = 256              # tokens per training sequence (the model's context length)
@@ -40,7 +48,7 @@ MODEL_FIELDS_SET_ELSEWHERE = ("vocab_size", "max_seq_len")
 
 def parse_args(argv=None):
     """Flags come from PretrainConfig, TrainConfig and ModelConfig (model fields override the depth dial)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_dataclass_args(parser, PretrainConfig, "data and size")
     add_dataclass_args(parser, TrainConfig, "training")
     add_dataclass_args(parser, ParallelConfig, "parallelism (under torchrun)")
@@ -49,21 +57,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_or_train_tokenizer(config: PretrainConfig) -> Tokenizer:
-    """Reuse the tokenizer file if it exists; otherwise train one on the first MBs of the corpus."""
-    path = Path(config.tokenizer)
+def load_or_train_tokenizer(path, source: str, vocab_size: int, max_mb: float) -> Tokenizer:
+    """Reuse the tokenizer file if it exists; otherwise train one on the first `max_mb` MB of `source` and save it."""
+    path = Path(path)
     if path.exists():
         return Tokenizer.load(path)
-    budget, texts = int(config.tokenizer_max_mb * 1e6), []
-    for document in data.iter_documents(config.source):
+    budget, texts = int(max_mb * 1e6), []
+    for document in data.iter_documents(source):
         texts.append(document.text)
         budget -= len(document.text)
         if budget <= 0:
             break
-    print(f"training a {config.vocab_size}-token tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB of {config.source}")
-    tokenizer = Tokenizer.train(texts, config.vocab_size)
+    start = time.time()
+    print(f"training a {vocab_size}-token tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB of {source}", flush=True)
+    tokenizer = Tokenizer.train(texts, vocab_size)
     tokenizer.save(path)
+    print(f"tokenizer trained in {time.time() - start:.0f}s: {path}")
     return tokenizer
+
+
+def default_data_dir(tokenizer_path, source: str) -> Path:
+    """Where the token shards of `source` go: beside the tokenizer, in data/<source name>."""
+    return Path(tokenizer_path).parent / "data" / Path(source).name
 
 
 def main(argv=None) -> int:
@@ -80,12 +95,13 @@ def main(argv=None) -> int:
     download_dir = Path(config.tokenizer).parent / "download" / Path(config.source).stem
     if rank.is_main:
         config.source = data.download_source(config.source, download_dir, config.max_shards or None)
-        tokenizer = load_or_train_tokenizer(config)
+        tokenizer = load_or_train_tokenizer(config.tokenizer, config.source, config.vocab_size,
+                                            config.tokenizer_max_mb)
     distributed.barrier()
     if not rank.is_main:
         config.source = data.download_source(config.source, download_dir, config.max_shards or None)  # now on disk
         tokenizer = Tokenizer.load(config.tokenizer)
-    data_dir = Path(config.data_dir or Path(config.tokenizer).parent / "data" / Path(config.source).name)
+    data_dir = Path(config.data_dir or default_data_dir(config.tokenizer, config.source))
     if rank.is_main:
         data.prepare_tokens(config.source, tokenizer, data_dir, val_fraction=config.val_fraction)
     distributed.barrier()

@@ -5,9 +5,11 @@
     python data/prepare.py --source fineweb-edu-10bt --max-shards 1
     python data/prepare.py --source shards.urls              # one `URL [sha256]` per line
 
-Running it again with the same source and tokenizer reuses the finished shards; see data/README.md.
+If the --tokenizer file does not exist yet, a --vocab-size tokenizer is trained on the first --tokenizer-max-mb
+MB of the corpus and saved there first (what `python train.py` does too). The defaults put the tokenizer and
+the shards where train.py looks, so `python train.py` afterwards reuses both; for a web corpus also pass
+`--download-dir out/download/<corpus name>`, where train.py keeps its downloads. See data/README.md.
 """
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +18,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanostack import data  # noqa: E402
-from nanostack.cli import add_dataclass_args, dataclass_from_args, run  # noqa: E402
-from nanostack.tokenizer import Tokenizer  # noqa: E402
+from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run  # noqa: E402
+from train import PretrainConfig, default_data_dir, load_or_train_tokenizer  # noqa: E402
 
 
 @dataclass
 class PrepareConfig:
-    source: str = "stdlib"  # stdlib, a file or directory, a .urls file, or a web corpus name (see README)
-    tokenizer: str = "out/tokenizer.json"  # the tokenizer file to encode with
-    out_dir: str = ""  # where the shards and index.json go; empty means out/data/<source name>, as train.py
-    val_fraction: float = data.DEFAULT_VAL_FRACTION  # share of documents held out for validation
+    source: str = "stdlib"  # stdlib, a file or directory, a .urls file, or a web corpus name (see data/README.md)
+    tokenizer: str = "out/tokenizer.json"  # the tokenizer file to encode with; trained and saved here if missing
+    vocab_size: int = PretrainConfig.vocab_size  # vocabulary size when the tokenizer has to be trained
+    tokenizer_max_mb: float = PretrainConfig.tokenizer_max_mb  # MB of corpus text a new tokenizer is trained on
+    out_dir: str = ""  # where the shards and index.json go; empty = data/<source name> beside --tokenizer
+    val_fraction: float = PretrainConfig.val_fraction  # share of documents held out for validation (as train.py)
     shard_tokens: int = data.DEFAULT_SHARD_TOKENS  # tokens per .bin file
     workers: int | None = None  # tokenizer threads; unset means one per core
     max_shards: int | None = None  # download only the first N files of a web corpus or URL list
@@ -34,14 +38,13 @@ class PrepareConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, download the source if it is remote, tokenize it into shards; prints the index summary."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_dataclass_args(parser, PrepareConfig, title="prepare")
     config = dataclass_from_args(PrepareConfig, parser.parse_args(argv))
-    if not Path(config.tokenizer).is_file():
-        parser.error(f"--tokenizer {config.tokenizer}: no such file; train a tokenizer first or point to one")
-    tokenizer = Tokenizer.load(config.tokenizer)
-    out_dir = Path(config.out_dir or Path("out") / "data" / Path(config.source).name)
+    # train.py names a downloaded corpus's shards after its download directory; so does this, given one.
+    out_dir = Path(config.out_dir or default_data_dir(config.tokenizer, config.download_dir or config.source))
     source = data.download_source(config.source, config.download_dir or out_dir / "raw", config.max_shards)
+    tokenizer = load_or_train_tokenizer(config.tokenizer, source, config.vocab_size, config.tokenizer_max_mb)
     index = data.prepare_tokens(source, tokenizer, out_dir, config.val_fraction, config.shard_tokens,
                                 config.workers)
     for split, info in index["splits"].items():

@@ -203,10 +203,18 @@ def resolve_checkpoint(path) -> Path:
     if (path / "config.json").exists():
         return path
     if (path / "latest").exists():
-        return path / (path / "latest").read_text().strip()
+        newest = path / (path / "latest").read_text().strip()
+        if not newest.exists():
+            raise CheckpointError(f"{path / 'latest'} names {newest.name}, but {newest} is missing (deleted?): "
+                                  f"point to another step_* directory in {path}, or re-run the command that wrote it")
+        return newest
+    tried = f"looked for {path / 'config.json'} (a checkpoint) and {path / 'latest'} (a run directory)"
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: run `python train.py` first or pass the right directory")
-    raise CheckpointError(f"{path} holds neither a checkpoint (config.json) nor a run (latest)")
+        raise CheckpointError(f"no checkpoint at {path} ({tried}): `python train.py` writes out/pretrain, "
+                              f"`python finetune.py` out/sft (--mode dpo: out/dpo), `python -m nanostack.quant` "
+                              f"out/quant-<mode>; run the stage that writes it first, or pass the right directory")
+    raise CheckpointError(f"{path} holds neither a checkpoint nor a run: {tried}; pass the directory that the "
+                          f"training command's --out-dir named")
 
 
 def read_config(path) -> tuple[ModelConfig, dict]:
@@ -247,6 +255,21 @@ def load_checkpoint(path, device="cpu", *, verify: bool = True) -> dict:
     if (directory / "optimizer.safetensors").exists():
         out["optimizer_state"] = read_optimizer_state(directory)
     return out
+
+
+def require_same_tokenizer(tokenizer: Tokenizer, tokenizer_path, other: Tokenizer, other_path, role: str) -> None:
+    """Refuse a `role` model (a draft, a teacher) whose tokenizer `other` (from `other_path`) is not `tokenizer`
+    (from `tokenizer_path`) token for token; the error names both files and what differs."""
+    differences = [what for what, a, b in (("vocabulary size", tokenizer.vocab_size, other.vocab_size),
+                                           ("merges", tokenizer.mergeable_ranks, other.mergeable_ranks),
+                                           ("special tokens", tokenizer.special_tokens, other.special_tokens),
+                                           ("split pattern", tokenizer.pattern, other.pattern)) if a != b]
+    if differences:
+        raise CheckpointError(
+            f"the {role} uses a different tokenizer: {other_path} differs from {tokenizer_path} in its "
+            f"{', '.join(differences)} (vocabulary {other.vocab_size} vs {tokenizer.vocab_size}), so the same token "
+            f"ids mean different text; train the {role} with this tokenizer "
+            f"(python train.py --tokenizer {tokenizer_path} ...)")
 
 
 def read_optimizer_state(directory) -> dict:

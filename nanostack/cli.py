@@ -47,6 +47,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+FLAG_NOTE = """Every flag takes one value (--steps 100); true/false flags also take yes/no/1/0, and a bare flag
+means true (--resume). Each group above is one config dataclass in the source, and each help line is the
+comment beside its field there."""
+
+
+def make_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """A script's parser: its module docstring as the description (examples and layout kept), a one-line usage
+    instead of every flag, and a closing note on how flags are written."""
+    return argparse.ArgumentParser(prog=prog, description=description, usage="%(prog)s [--flag VALUE ...]",
+                                   epilog=FLAG_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None = None,
                        defaults_to_none: bool = False, skip: tuple[str, ...] = ()) -> None:
     """Add one `--flag` per field of `cls` to `parser`, in a group titled `title`.
@@ -71,6 +83,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None =
             default=None if defaults_to_none else default,
             metavar=kind.__name__.upper() if kind is not bool else "BOOL",
             help=f"{help_text} (default: {shown})" if help_text else f"(default: {shown})",
+            # A bare `--compile` means true, as a newcomer would expect; `--compile false` still works.
+            **({"nargs": "?", "const": True} if kind is bool else {}),
         )
 
 

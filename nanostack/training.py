@@ -64,6 +64,18 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class OutOfMemory(ValueError):
+    """A training step did not fit in the device's memory: a setting to change, so the CLIs print one line."""
+
+
+def out_of_memory_advice(step: int, device: torch.device, config: TrainConfig, run_dir: Path) -> str:
+    """What to change when step `step` ran out of memory; the checkpoints already in run_dir stay as they are."""
+    return (f"out of memory on {device} at step {step} with --batch-size {config.batch_size} --grad-accum "
+            f"{config.grad_accum}: halve --batch-size and double --grad-accum (the same global batch in less "
+            f"memory), or add --activation-checkpointing full, or lower --seq-len; the checkpoints saved so far "
+            f"are kept in {run_dir}")
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present, else CPU."""
     if name == "auto":
@@ -251,15 +263,18 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
             group["lr"] = lr
         # Summed on the device: reading a GPU value every micro-step would stall the launch queue.
         step_loss, step_metrics = torch.zeros((), device=device), {}
-        for micro in range(config.grad_accum):
-            batch = to_device(batches.next_batch(), device)
-            with distributed.gradient_sync(step_model, sync=micro == config.grad_accum - 1), autocast:
-                loss, metrics = objective(step_model, batch)
-                (loss / config.grad_accum).backward()
-            step_loss += loss.detach() / config.grad_accum
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / config.grad_accum
-            window_tokens += batch_tokens(batch) * rank.world_size
+        try:
+            for micro in range(config.grad_accum):
+                batch = to_device(batches.next_batch(), device)
+                with distributed.gradient_sync(step_model, sync=micro == config.grad_accum - 1), autocast:
+                    loss, metrics = objective(step_model, batch)
+                    (loss / config.grad_accum).backward()
+                step_loss += loss.detach() / config.grad_accum
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v / config.grad_accum
+                window_tokens += batch_tokens(batch) * rank.world_size
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(out_of_memory_advice(step + 1, device, config, run_dir)) from None
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
