@@ -8,17 +8,20 @@ Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s
 accepting requests, lets those in flight finish for up to --shutdown-timeout seconds, aborts the rest and exits 0.
 Every flag is listed by `--help`: where to listen, the API's limits, and the engine's batch and KV-cache sizes.
 """
-import argparse
 import asyncio
 import errno
 import logging
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from nanostack.checkpoint import CheckpointError, resolve_checkpoint
+from nanostack.model import GPT, ModelConfig
 from nanostack.quant import MODES
-from nanostack.cli import add_dataclass_args, dataclass_from_args, run
+from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.serving.api import ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.speculative import SpeculativeConfig, Speculator
@@ -39,6 +42,12 @@ class ServeConfig:
     draft: str = ""                 # speculative decoding with this smaller checkpoint (same tokenizer) as the draft
     ngram: bool = False             # speculative decoding by n-gram prompt lookup (no draft model)
     tp: int = 1                     # tensor parallel: split the model over this many GPUs of the node (cuda:0..N-1; on CPU, N processes)
+
+
+def parameter_count(model_config: ModelConfig) -> int:
+    """Parameters of the model as trained (an int8 or tensor-parallel model holds them in other forms)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        return GPT(model_config).num_params()
 
 
 def default_model() -> str:
@@ -77,7 +86,7 @@ async def serve(app, host: str, port: int) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     add_dataclass_args(parser, ServeConfig, "model and address")
     add_dataclass_args(parser, ServerConfig, "API limits")
     add_dataclass_args(parser, EngineConfig, "engine (batching and KV cache)")
@@ -100,17 +109,19 @@ def main(argv=None) -> int:
     try:
         loaded = load_model(spec, 0, config.tp)
         network = loaded["model"]
-        speculator = (Speculator.from_checkpoint(config.draft, speculative_config, device, spec.dtype) if config.draft
-                      else Speculator(speculative_config) if config.ngram else None)
+        speculator = (Speculator.from_checkpoint(config.draft, speculative_config, device, spec.dtype,
+                                                 target_tokenizer=loaded["tokenizer"],
+                                                 target_path=Path(spec.path) / "tokenizer.json")
+                      if config.draft else Speculator(speculative_config) if config.ngram else None)
         engine = Engine(network, loaded["tokenizer"], engine_config, speculator,
                         forward=broadcasting_forward(network) if workers else None)
         if workers:
             workers.start(engine.blocks.num_blocks, engine.config.block_size, device)
         quantized = config.quant or (loaded["raw_config"].get("quantization") or {}).get("mode")
-        parallel = f", tensor parallel over {config.tp} ranks (worker pids {workers.pids})" if workers else ""
+        parallel = f", tensor parallel (worker pids {workers.pids})" if workers else ""
         print(f"serving {spec.path} as '{server_config.served_model_name}' on {device}"
-              f"{f' ({quantized})' if quantized else ''}: {network.num_params():,} "
-              f"parameters{' on this rank' if workers else ''}, {engine.blocks.num_blocks} KV blocks of "
+              f"{f' ({quantized})' if quantized else ''}: {parameter_count(network.config):,} "
+              f"parameters{f' split over {config.tp} ranks' if workers else ''}, {engine.blocks.num_blocks} KV blocks of "
               f"{engine.config.block_size} tokens, max_model_len {engine.scheduler.config.max_model_len}{parallel}",
               flush=True)
         return asyncio.run(serve(create_app(engine, server_config), config.host, config.port))

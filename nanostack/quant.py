@@ -58,7 +58,6 @@ references. A quantized checkpoint stores int8 weights + their scales (smoothing
 
     python -m nanostack.quant --model out/pretrain --mode w8a8 --out out/w8a8 --report true
 """
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,7 @@ from kernels.int8_matmul import (int8_matmul, int8_matmul_reference, int8_weight
                                  int8_weight_only_matmul_reference, quantize_per_row)
 from nanostack import checkpoint, data
 from nanostack.atomic import write_json
-from nanostack.cli import add_dataclass_args, dataclass_from_args, run
+from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.model import GPT, MLP, Experts
 from nanostack.tokenizer import Tokenizer
 from nanostack.training import bits_per_byte, resolve_device
@@ -538,8 +537,8 @@ class QuantConfig:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, QuantConfig)
+    parser = make_parser(__doc__, prog="python -m nanostack.quant")
+    add_dataclass_args(parser, QuantConfig, "quantization")
     config = dataclass_from_args(QuantConfig, parser.parse_args(argv))
     if config.mode not in MODES:
         raise ValueError(f"--mode {config.mode!r}; expected one of {MODES}")

@@ -8,11 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from nanostack.checkpoint import CheckpointError, save_checkpoint
 from nanostack.model import GPT, ModelConfig
 from nanostack.sampling import SamplingParams
 from nanostack.serving.engine import Engine, EngineConfig, merge_outputs
 from nanostack.serving.speculative import (SpeculativeConfig, Speculator, acceptance_probability, greedy_accept,
                                            ngram_propose, rejection_sample, residual_distribution)
+from nanostack.tokenizer import Tokenizer, merges_to_ranks
 
 from greedy_reference import naive_greedy
 
@@ -130,6 +132,17 @@ def test_config_and_draft_validation(sharpened_model):
         Engine(target, None, EngineConfig(), Speculator(draft_model=sharpened_model(65, MAX_SEQ_LEN)))
     with pytest.raises(ValueError, match="max_seq_len"):
         Engine(target, None, EngineConfig(), Speculator(draft_model=sharpened_model(64, 32)))
+
+
+def test_a_draft_checkpoint_with_another_tokenizer_is_refused(tokenizer, sharpened_model, tmp_path):
+    bytes_only = Tokenizer(merges_to_ranks([]))  # byte-level, no merges: other ids for the same text
+    draft = sharpened_model(tokenizer.vocab_size, MAX_SEQ_LEN)
+    same = save_checkpoint(tmp_path / "same", draft.state_dict(), draft.config, tokenizer)
+    other = save_checkpoint(tmp_path / "other", draft.state_dict(), draft.config, bytes_only)
+    assert Speculator.from_checkpoint(same, target_tokenizer=tokenizer).draft_model is not None
+    with pytest.raises(CheckpointError, match=r"draft model uses a different tokenizer: .*other.*tokenizer.json "
+                                              r"differs from target.json in its vocabulary size, merges"):
+        Speculator.from_checkpoint(other, target_tokenizer=tokenizer, target_path="target.json")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_serve_py_tp2_answers_like_one_rank_and_stops_cleanly(checkpoint_dir):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, "".join(lines)
         reader.join(10)
-        assert "tensor parallel over 2 ranks" in "".join(lines)
+        assert "split over 2 ranks, " in "".join(lines)
     finally:
         if process.poll() is None:
             process.kill()

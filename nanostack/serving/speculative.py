@@ -204,11 +204,15 @@ class Speculator:
 
     @classmethod
     def from_checkpoint(cls, path, config: SpeculativeConfig | None = None, device="cpu",
-                        dtype: torch.dtype | None = None) -> "Speculator":
-        """A draft-model speculator over a (smaller) checkpoint sharing the target's tokenizer."""
-        from nanostack.checkpoint import load_checkpoint
-        model = load_checkpoint(path, device)["model"]
-        return cls(config, model if dtype is None else model.to(dtype))
+                        dtype: torch.dtype | None = None, target_tokenizer=None, target_path=None) -> "Speculator":
+        """A draft-model speculator over a (smaller) checkpoint, which must share `target_tokenizer` if given
+        (read from `target_path`, named in the error)."""
+        from nanostack.checkpoint import load_checkpoint, require_same_tokenizer
+        loaded = load_checkpoint(path, device)
+        if target_tokenizer is not None:
+            require_same_tokenizer(target_tokenizer, target_path or "the target's tokenizer.json", loaded["tokenizer"],
+                                   loaded["directory"] / "tokenizer.json", "draft model")
+        return cls(config, loaded["model"] if dtype is None else loaded["model"].to(dtype))
 
     def check_target(self, target_config, max_model_len: int) -> None:
         """Refuse a draft model that cannot stand in for the target: other vocabulary or shorter context."""
