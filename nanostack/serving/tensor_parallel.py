@@ -256,6 +256,7 @@ class Workers:
 
     @property
     def pids(self) -> list[int]:
+        """The worker processes' ids (serve.py prints them: `kill` one and the server must stop)."""
         return [process.pid for process in self.processes]
 
     def _watch(self) -> None:
