@@ -521,7 +521,7 @@ def test_shutdown_aborts_requests_after_the_timeout(make_live):
         wait_until(lambda: live.server.engine_loop.stats.num_running == 1, what="the request running")
         start = time.monotonic()
         live.call(live.runner.cleanup())
-        assert time.monotonic() - start < 3.0
+        assert time.monotonic() - start < 5.0  # well before the 7 s the request would need
         status, _, body = pending.result(timeout=10)
     assert_openai_error(status, body, 503)
     assert body["error"]["code"] == "aborted" and live.server.active == 0
