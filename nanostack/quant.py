@@ -472,7 +472,7 @@ def copy_model(model: GPT) -> GPT:
     """A separate full-precision GPT with the same weights, dtype and device (deepcopy trips over MoE's graph)."""
     twin = GPT(model.config)
     twin.load_state_dict(model.state_dict())
-    return twin.to(model.tok_emb.weight)
+    return twin.to(model.norm.weight)
 
 
 def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: int = 16, batch_size: int = 8,

@@ -56,11 +56,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from nanostack.atomic import atomic_file, write_json
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
+from nanostack.data import jsonl_records
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("tokenizer", "pretrain", "sft", "dpo", "int8", "serve")
@@ -196,15 +198,6 @@ def start_stage(command: list[str], log) -> tuple[subprocess.Popen, threading.Th
     return process, copier
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile with linear interpolation between the two nearest ranks."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 CHAT_QUESTIONS = ["what does json.dumps do?", "what does os.path.join do?", "what does re.compile do?",
                   "what does math.sqrt do?"]
 COMPLETION_PROMPTS = ["def fib(n):", "import os\n", "class Stack:", "for i in range("]
@@ -259,10 +252,10 @@ async def query_server(base_url: str, config: SpeedrunConfig) -> dict:
     tokens = sum(r["completion_tokens"] for r in records)
     summary = {"requests": len(records), "concurrency": config.concurrency, "max_tokens": config.max_tokens,
                "wall_s": wall, "requests_per_s": len(records) / wall, "completion_tokens": tokens,
-               "tokens_per_s": tokens / wall, "latency_p50_s": percentile(latencies, 50),
-               "latency_p90_s": percentile(latencies, 90)}
+               "tokens_per_s": tokens / wall, "latency_p50_s": float(np.percentile(latencies, 50)),
+               "latency_p90_s": float(np.percentile(latencies, 90))}
     if ttfts:
-        summary.update(ttft_p50_s=percentile(ttfts, 50), ttft_p90_s=percentile(ttfts, 90))
+        summary.update(ttft_p50_s=float(np.percentile(ttfts, 50)), ttft_p90_s=float(np.percentile(ttfts, 90)))
     return {"summary": summary, "requests": records}
 
 
@@ -361,7 +354,7 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a metrics.jsonl file (none if it does not exist)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return [record for _, record in jsonl_records(path)] if path.exists() else []
 
 
 def last_value(records: list[dict], key: str):

@@ -119,7 +119,7 @@ def test_the_server_answered_every_request_and_stopped(tiny_run):
     assert {r["kind"] for r in requests} == {"chat", "completion"} and {r["stream"] for r in requests} == {True, False}
     assert all(r["text"] and r["completion_tokens"] == MAX_TOKENS for r in requests)  # ignore_eos: all tokens
     assert all(r["ttft_s"] is not None and 0 < r["ttft_s"] <= r["latency_s"] for r in requests if r["stream"])
-    # The report's percentiles against numpy's (linear interpolation, the same definition).
+    # The report's latency cells are the percentiles of the per-request latencies serving.json recorded.
     row = table_rows(sections((out_dir / "report.md").read_text())["Serving"])[0]
     latencies = [r["latency_s"] for r in requests]
     assert row["latency p50 (s)"] == f"{np.percentile(latencies, 50):.4f}"

@@ -20,6 +20,7 @@ import torch.multiprocessing
 
 from nanostack.checkpoint import save_checkpoint
 from nanostack.model import GPT, ModelConfig
+from nanostack.quant import copy_model
 from nanostack.sampling import SamplingParams
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.tensor_parallel import (ModelSpec, Workers, broadcasting_forward, check_shardable, load_model,
@@ -79,7 +80,7 @@ def _split_logits_rank(rank: int, world_size: int, port: int, results_path: str)
         idx = torch.randint(96, (2, 24), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             expected = whole(idx)
-            split = shard_model(_copy(whole), rank, world_size)
+            split = shard_model(copy_model(whole).eval(), rank, world_size)
             got = split(idx)
         results[name] = {"max_abs_diff": (got - expected).abs().max().item(),
                          "logit_scale": expected.abs().max().item(),
@@ -88,12 +89,6 @@ def _split_logits_rank(rank: int, world_size: int, port: int, results_path: str)
     if rank == 0:
         Path(results_path).write_text(json.dumps(results))
     dist.destroy_process_group()
-
-
-def _copy(model: GPT) -> GPT:
-    twin = GPT(model.config).eval()
-    twin.load_state_dict(model.state_dict())
-    return twin
 
 
 def test_two_ranks_compute_the_logits_of_the_whole_model(tmp_path):

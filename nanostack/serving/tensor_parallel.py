@@ -213,16 +213,21 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+def _join_group(rank: int, world_size: int, port: int, device: str) -> None:
+    """Join the ranks' process group (rendezvous on 127.0.0.1:port), each rank with its share of the CPU threads."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=_COLLECTIVE_TIMEOUT)
+
+
 def _worker_main(rank: int, world_size: int, port: int, spec: ModelSpec, parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group; rank 0 alone decides when to stop (then it sends STOP).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     if torch.device(spec.device).type == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group(_backend(spec.device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=_COLLECTIVE_TIMEOUT)
+    _join_group(rank, world_size, port, spec.device)
     loaded = load_model(spec, rank, world_size)
     run_worker(loaded["model"], next(loaded["model"].parameters()).device)
     dist.destroy_process_group()
@@ -250,9 +255,7 @@ class Workers:
             process.start()
         self.started = self.stopped = False
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
-        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
-        dist.init_process_group(_backend(spec.device), init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=world_size, timeout=_COLLECTIVE_TIMEOUT)
+        _join_group(0, world_size, port, spec.device)
 
     @property
     def pids(self) -> list[int]:
