@@ -1,15 +1,26 @@
-"""Post-train a pretrained checkpoint: supervised fine-tuning, distillation or DPO, in full or with LoRA.
+"""Post-train a pretrained checkpoint: supervised fine-tuning, distillation, DPO or GRPO, in full or with LoRA.
 
     python finetune.py                                   # SFT of out/pretrain on stdlib docstring Q&A -> out/sft
     python finetune.py --lora-rank 8                     # the same with LoRA adapters on wq and wv
     python finetune.py --mode dpo --init out/sft         # prefer the right docstring over another one
     python finetune.py --mode distill --init out/small --teacher out/sft --kd-baseline true
 
+    python finetune.py --task addition --out-dir out/sft_add             # SFT on a verifiable task's answers
+    python finetune.py --mode grpo --task addition --init out/sft_add    # reinforcement learning from its reward
+    python finetune.py --mode dpo --pairs-from-task addition --init out/sft_add   # on-policy preference pairs
+
 The default data is built from the standard library's own docstrings (nanostack/chat_data.py), no
 download; `--data file.jsonl` takes OpenAI-style {"messages": [...]} lines (sft, distill) or
 {"prompt", "chosen", "rejected"} lines (dpo). Every run evaluates the model before and after training on
 held-out data (assistant-token loss, 4-way multiple-choice accuracy, preference accuracy), prints a table
 and writes it to <out-dir>/eval.json.
+
+With --task (nanostack/tasks.py: addition, subtraction, stdlib_module) the data are a verifiable task's problems:
+SFT and distillation train on the reference answers, GRPO on the rewards of its own samples (rollouts from the
+serving Engine over the model being trained, --group-size per prompt), and DPO with --pairs-from-task on pairs of
+a rewarded and an unrewarded sample of the --init model. The evaluation then adds pass@1 (greedy) and
+pass@--pass-k (sampled) on the task's held-out problems (nanostack/evaluate.py), and for DPO and GRPO the KL
+to the reference (the --init model) on the model's own samples.
 
 What --out-dir holds:
     step_*/, latest      the fine-tuned model, a plain checkpoint every tool loads (LoRA merged into it);
@@ -27,6 +38,7 @@ LoRA from a pretrained model: add lm_head to --lora-targets (e.g. `attn,lm_head`
 embedded data the adapters alone get ~87% of full fine-tuning's held-out gain, with lm_head ~99%.
 """
 import copy
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -34,19 +46,19 @@ from pathlib import Path
 
 import torch
 
-from nanostack import chat_data, checkpoint, distributed, lora, objectives
+from nanostack import chat_data, checkpoint, distributed, evaluate, lora, objectives, tasks
 from nanostack.atomic import write_json
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.distributed import ParallelConfig
 from nanostack.model import default_learning_rate
 from nanostack.training import TrainConfig, autocast_context, resolve_device, train
 
-MODES = ("sft", "distill", "dpo")
+MODES = ("sft", "distill", "dpo", "grpo")
 
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "sft"               # sft | distill | dpo
+    mode: str = "sft"               # sft | distill | dpo | grpo
     init: str = "out/pretrain"      # checkpoint or run directory to start from (train.py writes out/pretrain)
     data: str = "stdlib"            # stdlib (docstring Q&A, no download) | a .jsonl file of messages or of pairs (dpo)
     seq_len: int = 0                # tokens per row; 0 = the model's max_seq_len
@@ -65,6 +77,16 @@ class FinetuneConfig:
     kd_baseline: bool = False       # distill: also train the student without a teacher, same steps (2x the cost)
     dpo_beta: float = 0.1           # dpo: how strongly the policy is held to the reference
     dpo_precompute_reference: bool = False  # dpo: reference log-probs in one pass up front, no second model
+    task: str = ""                  # verifiable tasks (comma list) to train on instead of --data: addition | subtraction | stdlib_module
+    pairs_from_task: str = ""       # dpo: preference pairs from the --init model's samples on this task (right vs wrong)
+    digits: int = 3                 # addition/subtraction: operands below 10**digits (the difficulty dial)
+    task_examples: int = 20000      # training problems drawn per task
+    group_size: int = 8             # grpo: completions per prompt; dpo --pairs-from-task: samples per prompt
+    grpo_clip: float = 0.2          # grpo: the policy ratio is clipped to [1 - clip, 1 + clip]
+    grpo_kl_beta: float = 0.04      # grpo: weight of the KL penalty to the reference (the --init model)
+    temperature: float = 1.0        # sampling temperature of rollouts, on-policy pairs and pass@k
+    max_new_tokens: int = 16        # tokens per sampled completion at most
+    pass_k: int = 8                 # samples per held-out task problem for pass@k
 
 
 # Fine-tuning starts from a trained model and sees little data: fewer steps, a short warmup, no weight
@@ -105,6 +127,8 @@ class Datasets:
     heldout_conversations: list = field(default_factory=list)
     heldout_pairs: list = field(default_factory=list)
     questions: list = field(default_factory=list)             # multiple choice (stdlib data only)
+    task_heldout: list = field(default_factory=list)          # (task, held-out problems), scored by pass@k
+    train_problems: list = field(default_factory=list)        # grpo, dpo pairs: (task, Problem)
 
 
 def _first(items: list, count: int, key) -> list:
@@ -112,9 +136,42 @@ def _first(items: list, count: int, key) -> list:
     return sorted(items, key=lambda item: chat_data.stable_hash(key(item)))[:count]
 
 
+def check_task_flags(config: FinetuneConfig) -> None:
+    """Refuse task settings the mode would not use."""
+    if config.mode == "grpo" and not config.task:
+        raise ValueError(f"--mode grpo learns from a reward: pass --task, one of {', '.join(tasks.TASKS)}")
+    if config.mode == "dpo" and config.task:
+        raise ValueError(f"--mode dpo learns from pairs: use --pairs-from-task {config.task} (pairs of the --init "
+                         f"model's right and wrong samples) instead of --task")
+    if config.pairs_from_task and config.mode != "dpo":
+        raise ValueError(f"--pairs-from-task builds DPO pairs; with --mode {config.mode} use --task")
+    if (config.task or config.pairs_from_task) and config.data != "stdlib":
+        raise ValueError(f"--data {config.data} and a task both name the training data: pass one of them")
+    if config.mode == "grpo" and config.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 for grpo, got {config.group_size}: with one completion per "
+                         f"prompt every advantage (reward minus the group's mean) is 0 and nothing is learned")
+    if config.task_examples < 1 or config.pass_k < 1 or config.max_new_tokens < 1:
+        raise ValueError(f"--task-examples {config.task_examples}, --pass-k {config.pass_k} and --max-new-tokens "
+                         f"{config.max_new_tokens} must all be at least 1")
+
+
+def task_datasets(config: FinetuneConfig, names: str) -> Datasets:
+    """Training problems and held-out conversations of the named tasks, each task's split kept apart."""
+    task_list = tasks.parse_tasks(names, config.digits)
+    train = [(task, p) for task in task_list
+             for p in tasks.problems(task, "train", config.task_examples, 0, config.heldout_fraction)]
+    # Fixed problems (--seed orders the training ones): every run of a task is scored on the same held-out ones.
+    heldout = [(task, tasks.problems(task, "heldout", config.eval_examples, 0, config.heldout_fraction))
+               for task in task_list]
+    return Datasets(train_conversations=[p.conversation() for _, p in train], train_problems=train,
+                    task_heldout=heldout, heldout_conversations=[p.conversation() for _, ps in heldout for p in ps])
+
+
 def load_datasets(config: FinetuneConfig) -> Datasets:
-    """The embedded stdlib docstring data, or a jsonl file, split into train and held-out."""
+    """A task's problems, the embedded stdlib docstring data, or a jsonl file, split into train and held-out."""
     limit = config.eval_examples
+    if config.task or config.pairs_from_task:
+        return task_datasets(config, config.task or config.pairs_from_task)
     if config.data == "stdlib":
         train_entries, heldout_entries = chat_data.split_by_module(chat_data.stdlib_docstrings(),
                                                                    config.heldout_fraction)
@@ -185,11 +242,14 @@ def sft_batches(config, tokenizer, conversations, seq_len, train_config, rank):
 # Evaluation
 
 class Evaluator:
-    """Held-out assistant-token loss, multiple-choice accuracy and preference accuracy of a model."""
+    """Held-out assistant-token loss, multiple-choice accuracy, preference accuracy and task pass@k of a model."""
 
-    def __init__(self, tokenizer, datasets: Datasets, seq_len: int, batch_size: int, autocast):
+    def __init__(self, tokenizer, datasets: Datasets, seq_len: int, batch_size: int, autocast, config: FinetuneConfig):
         self.tokenizer, self.datasets, self.seq_len, self.batch_size = tokenizer, datasets, seq_len, batch_size
         self.autocast = autocast
+        # Fixed seeds: every model is scored on the same sampling noise, so before and after compare closely.
+        self.task_settings = dict(k=config.pass_k, temperature=config.temperature, max_tokens=config.max_new_tokens,
+                                  seed=0)
         self.heldout_rows = [chat_data.sft_example(tokenizer, m, seq_len) for m in datasets.heldout_conversations]
 
     def heldout_loss(self, model) -> dict:
@@ -208,8 +268,9 @@ class Evaluator:
             return chat_data.preference_scores(model, self.tokenizer, self.datasets.heldout_pairs, self.seq_len,
                                                self.batch_size)
 
-    def __call__(self, model) -> tuple[dict, tuple | None]:
-        """All metrics of `model` (in eval mode), and the pair scores they came from."""
+    def __call__(self, model, reference=None) -> tuple[dict, tuple | None]:
+        """All metrics of `model` (in eval mode), and the pair scores they came from; with a `reference`, the
+        tasks' KL of the model to it."""
         was_training = model.training
         model.eval()
         metrics = self.heldout_loss(model)
@@ -222,6 +283,10 @@ class Evaluator:
         scores = self.pair_scores(model)
         if scores is not None:
             metrics["preference_accuracy"] = float((scores[0] > scores[1]).float().mean())
+        if self.datasets.task_heldout:
+            with self.autocast:
+                metrics.update(evaluate.evaluate_tasks(model, self.tokenizer, self.datasets.task_heldout,
+                                                       reference=reference, **self.task_settings))
         model.train(was_training)
         return metrics, scores
 
@@ -230,7 +295,7 @@ def print_comparison(before: dict, after: dict, extra: dict) -> None:
     """The evaluation table: one line per metric, before and after."""
     print(f"{'held-out metric':<28}{'before':>10}{'after':>10}")
     for name in after:
-        print(f"{name:<28}{before.get(name, float('nan')):>10.4f}{after[name]:>10.4f}")
+        print(f"{name:<28}{f'{before[name]:.4f}' if name in before else '-':>10}{after[name]:>10.4f}")
     for name, value in extra.items():
         print(f"{name:<28}{'':>10}{value:>10.4f}")
 
@@ -253,6 +318,9 @@ def main(argv=None) -> int:
     parallel = dataclass_from_args(ParallelConfig, args)
     if config.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {config.mode!r}")
+    check_task_flags(config)
+    if config.mode == "grpo" and parallel.strategy == "fsdp":
+        raise ValueError("--mode grpo samples with each rank's whole model, which FSDP shards: use --strategy ddp")
     out_dir = Path(train_config.out_dir or f"out/{config.mode}")
     rank = distributed.setup(resolve_device(train_config.device))
     say = print if rank.is_main else (lambda *a, **k: None)
@@ -267,16 +335,21 @@ def main(argv=None) -> int:
     if not 1 <= seq_len <= model_config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} must be in 1..{model_config.max_seq_len} (the model's max_seq_len)")
     datasets = load_datasets(config)
+    if config.pairs_from_task:
+        pairs_wanted = train_config.steps * train_config.batch_size * train_config.grad_accum * rank.world_size
+        datasets.train_pairs = on_policy_pairs(model, tokenizer, datasets.train_problems, config, pairs_wanted, say)
+    source = config.task or config.pairs_from_task or config.data
     train_size = len(datasets.train_pairs if config.mode == "dpo" else datasets.train_conversations)
-    say(f"data: {train_size:,} training {'pairs' if config.mode == 'dpo' else 'conversations'} from {config.data}; "
+    say(f"data: {train_size:,} training {'pairs' if config.mode == 'dpo' else 'conversations'} from {source}; "
         f"held out: {len(datasets.heldout_conversations)} conversations, {len(datasets.questions)} questions, "
         f"{len(datasets.heldout_pairs)} pairs")
     evaluator = Evaluator(tokenizer, datasets, seq_len, train_config.batch_size,
-                          autocast_context(train_config.dtype, device))
+                          autocast_context(train_config.dtype, device), config)
     before, before_scores = evaluator(model)
 
-    # DPO's reference is the model as it starts; a copy is taken before LoRA changes the module tree.
-    reference = copy.deepcopy(model) if config.mode == "dpo" and not config.dpo_precompute_reference else None
+    # The reference of DPO and GRPO is the model as it starts; a copy is taken before LoRA changes the module tree.
+    keeps_reference = config.mode == "grpo" or (config.mode == "dpo" and not config.dpo_precompute_reference)
+    reference = copy.deepcopy(model) if keeps_reference else None
     total_params = model.num_params()
     trainable = prepare_model(model, config)
     lora_settings = lora.lora_config(model) if config.lora_rank else None
@@ -294,6 +367,9 @@ def main(argv=None) -> int:
         batches = chat_data.preference_batches(rows, train_config.batch_size, seed=train_config.seed,
                                                rank=rank.rank, world_size=rank.world_size)
         objective = objectives.dpo(reference, config.dpo_beta)
+    elif config.mode == "grpo":
+        batches, objective = grpo_setup(model, tokenizer, reference, datasets.train_problems, config, train_config,
+                                        rank)
     else:
         batches = sft_batches(config, tokenizer, datasets.train_conversations, seq_len, train_config, rank)
         objective = (objectives.distillation(teacher, config.kd_temperature, config.kd_alpha, config.kd_kind)
@@ -307,7 +383,7 @@ def main(argv=None) -> int:
     train(model, objective, batches, replace(train_config, out_dir=str(run_dir)), model_config=model_config,
           tokenizer=tokenizer, evaluate=evaluator.heldout_loss, extra_config=record, parallel=parallel, rank=rank)
     train_seconds = time.time() - start
-    after, after_scores = evaluator(model)
+    after, after_scores = evaluator(model, reference)
 
     report = {"mode": config.mode, "init": identity["checkpoint"], "steps": train_config.steps,
               "trainable_params": trainable, "total_params": total_params, "lora": lora_settings,
@@ -340,6 +416,54 @@ def main(argv=None) -> int:
         say(f"done in {train_seconds:.0f}s; model in {where}; evaluation in {out_dir / 'eval.json'}")
     distributed.teardown()
     return 0
+
+
+def on_policy_pairs(model, tokenizer, train_problems, config: FinetuneConfig, wanted: int, say) -> list:
+    """DPO pairs from the model's own samples: for each training problem, --group-size completions; where some
+    are rewarded and some not, the first of each is a pair (chosen, rejected). Stops at `wanted` pairs."""
+    pairs, sampled, chunk = [], 0, 256
+    for start in range(0, len(train_problems), chunk):
+        group = train_problems[start:start + chunk]
+        prompts = evaluate.prompt_ids(tokenizer, [p for _, p in group])
+        engine = evaluate.task_engine(model, tokenizer, prompts, config.max_new_tokens)
+        seeds = [start * config.group_size + i for i in range(len(group) * config.group_size)]
+        outputs = objectives.rollouts(engine, prompts, config.group_size, temperature=config.temperature,
+                                      max_tokens=config.max_new_tokens, seeds=seeds)
+        for i, (task, problem) in enumerate(group):
+            texts = [out.text for out in outputs[i * config.group_size:(i + 1) * config.group_size]]
+            rewards = [tasks.reward(task, problem, text) for text in texts]
+            if max(rewards) > min(rewards):
+                pairs.append(chat_data.PreferenceExample(problem.messages(), texts[rewards.index(max(rewards))],
+                                                         texts[rewards.index(min(rewards))]))
+        sampled += len(group)
+        if len(pairs) >= wanted:
+            break
+    say(f"on-policy pairs: {len(pairs):,} from {sampled:,} problems x {config.group_size} samples "
+        f"(the others' samples were all right or all wrong)")
+    if not pairs:
+        raise ValueError(f"no problem of {config.pairs_from_task!r} had both a right and a wrong sample among "
+                         f"{config.group_size}: the --init model is always right or always wrong on it")
+    return pairs[:wanted]
+
+
+def grpo_setup(model, tokenizer, reference, train_problems, config: FinetuneConfig, train_config, rank):
+    """GRPO's batch source (training problem indices, shuffled and sharded like every other source) and objective,
+    whose rollouts run on an Engine over `model` itself."""
+    prompts = evaluate.prompt_ids(tokenizer, [p for _, p in train_problems])
+    engine = evaluate.task_engine(model, tokenizer, prompts, config.max_new_tokens,
+                                  max_num_seqs=train_config.batch_size * config.group_size)
+
+    def reward(index: int, completion: str) -> float:
+        task, problem = train_problems[index]
+        return tasks.reward(task, problem, completion)
+
+    batches = chat_data.ExampleBatches(
+        len(prompts), train_config.batch_size, lambda rows: {"prompt_index": torch.tensor([r[0] for r in rows])},
+        seed=train_config.seed, rank=rank.rank, world_size=rank.world_size,
+        fingerprint=f"grpo:{chat_data.content_digest(json.dumps(prompts))}")
+    objective = objectives.grpo(engine, prompts, reward, reference, config.group_size, config.grpo_clip,
+                                config.grpo_kl_beta, config.temperature, config.max_new_tokens)
+    return batches, objective
 
 
 def train_baseline(config, train_config, parallel, rank, datasets, seq_len, evaluator, out_dir) -> float:

@@ -270,9 +270,10 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
                     loss, metrics = objective(step_model, batch)
                     (loss / config.grad_accum).backward()
                 step_loss += loss.detach() / config.grad_accum
+                # An objective that generates its own tokens (grpo) says how many it trained on.
+                window_tokens += (metrics.pop("tokens", None) or batch_tokens(batch)) * rank.world_size
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / config.grad_accum
-                window_tokens += batch_tokens(batch) * rank.world_size
         except torch.OutOfMemoryError:
             raise OutOfMemory(out_of_memory_advice(step + 1, device, config, run_dir)) from None
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
