@@ -77,8 +77,9 @@ class FinetuneConfig:
     kd_baseline: bool = False       # distill: also train the student without a teacher, same steps (2x the cost)
     dpo_beta: float = 0.1           # dpo: how strongly the policy is held to the reference
     dpo_precompute_reference: bool = False  # dpo: reference log-probs in one pass up front, no second model
-    task: str = ""                  # verifiable tasks (comma list) to train on instead of --data: addition | subtraction | stdlib_module
-    pairs_from_task: str = ""       # dpo: preference pairs from the --init model's samples on this task (right vs wrong)
+    dpo_nll_weight: float = 0.0     # dpo: weight of the chosen reply's cross-entropy added to the loss (RPO)
+    task: str = ""                  # verifiable tasks to train on instead of --data: addition,subtraction,stdlib_module
+    pairs_from_task: str = ""       # dpo: pairs of the --init model's right and wrong samples on this task
     digits: int = 3                 # addition/subtraction: operands below 10**digits (the difficulty dial)
     task_examples: int = 20000      # training problems drawn per task
     group_size: int = 8             # grpo: completions per prompt; dpo --pairs-from-task: samples per prompt
@@ -97,8 +98,9 @@ FINETUNE_DEFAULTS = {"out_dir": "", "steps": 200, "warmup_steps": 10, "weight_de
 
 def finetune_learning_rate(model_config, mode: str, lora_rank: int) -> float:
     """Default peak LR: a third of the pretraining LR for SFT and distillation, a tenth of that for DPO (its
-    loss drives log-probs apart without bound, and larger steps overfit the pairs); LoRA's small update 3x."""
-    full = default_learning_rate(model_config) / 3 / (10 if mode == "dpo" else 1)
+    loss drives log-probs apart without bound, and larger steps overfit the pairs) and GRPO (its gradient is as
+    noisy as its samples); LoRA's small update 3x."""
+    full = default_learning_rate(model_config) / 3 / (10 if mode in ("dpo", "grpo") else 1)
     return full * 3 if lora_rank else full
 
 
@@ -366,7 +368,7 @@ def main(argv=None) -> int:
             rows = objectives.precompute_reference(model, rows, train_config.batch_size)
         batches = chat_data.preference_batches(rows, train_config.batch_size, seed=train_config.seed,
                                                rank=rank.rank, world_size=rank.world_size)
-        objective = objectives.dpo(reference, config.dpo_beta)
+        objective = objectives.dpo(reference, config.dpo_beta, config.dpo_nll_weight)
     elif config.mode == "grpo":
         batches, objective = grpo_setup(model, tokenizer, reference, datasets.train_problems, config, train_config,
                                         rank)
@@ -396,7 +398,7 @@ def main(argv=None) -> int:
         margin = (after_scores[0] - before_scores[0]) - (after_scores[1] - before_scores[1])
         extra["dpo_reward_accuracy"] = float((margin > 0).float().mean())
     if teacher is not None:
-        extra["teacher_heldout_loss"] = evaluator(teacher)[0]["heldout_loss"]
+        extra.update({f"teacher_{name}": value for name, value in evaluator(teacher)[0].items()})
         if config.kd_baseline:
             extra["no_teacher_heldout_loss"] = train_baseline(config, train_config, parallel, rank, datasets,
                                                               seq_len, evaluator, out_dir)
@@ -419,9 +421,10 @@ def main(argv=None) -> int:
 
 
 def on_policy_pairs(model, tokenizer, train_problems, config: FinetuneConfig, wanted: int, say) -> list:
-    """DPO pairs from the model's own samples: for each training problem, --group-size completions; where some
-    are rewarded and some not, the first of each is a pair (chosen, rejected). Stops at `wanted` pairs."""
-    pairs, sampled, chunk = [], 0, 256
+    """DPO pairs from the model's own samples: for each training problem, --group-size completions, and the
+    first rewarded one (chosen) with the first unrewarded one (rejected); where none is rewarded, the reference
+    answer is the chosen reply, and a problem whose samples are all right gives no pair. Stops at `wanted` pairs."""
+    pairs, sampled, chunk, reference_chosen = [], 0, 256, 0
     for start in range(0, len(train_problems), chunk):
         group = train_problems[start:start + chunk]
         prompts = evaluate.prompt_ids(tokenizer, [p for _, p in group])
@@ -432,17 +435,22 @@ def on_policy_pairs(model, tokenizer, train_problems, config: FinetuneConfig, wa
         for i, (task, problem) in enumerate(group):
             texts = [out.text for out in outputs[i * config.group_size:(i + 1) * config.group_size]]
             rewards = [tasks.reward(task, problem, text) for text in texts]
-            if max(rewards) > min(rewards):
-                pairs.append(chat_data.PreferenceExample(problem.messages(), texts[rewards.index(max(rewards))],
-                                                         texts[rewards.index(min(rewards))]))
+            if min(rewards) == 1.0:
+                continue
+            if max(rewards) < 1.0:
+                texts, rewards = [problem.answer, *texts], [1.0, *rewards]
+                reference_chosen += 1
+            pairs.append(chat_data.PreferenceExample(problem.messages(), texts[rewards.index(max(rewards))],
+                                                     texts[rewards.index(min(rewards))]))
         sampled += len(group)
         if len(pairs) >= wanted:
             break
-    say(f"on-policy pairs: {len(pairs):,} from {sampled:,} problems x {config.group_size} samples "
-        f"(the others' samples were all right or all wrong)")
+    say(f"on-policy pairs: {len(pairs):,} from {sampled:,} problems x {config.group_size} samples; the chosen reply "
+        f"is a sample in {len(pairs) - reference_chosen:,}, the reference answer in {reference_chosen:,} (no sample "
+        f"right); problems whose samples were all right give none")
     if not pairs:
-        raise ValueError(f"no problem of {config.pairs_from_task!r} had both a right and a wrong sample among "
-                         f"{config.group_size}: the --init model is always right or always wrong on it")
+        raise ValueError(f"every sample of the --init model was right on the {sampled} problems of "
+                         f"{config.pairs_from_task!r} it tried: there is nothing to prefer; raise --digits")
     return pairs[:wanted]
 
 

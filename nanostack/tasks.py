@@ -3,8 +3,8 @@
 Each task draws chat problems from a seeded generator, gives each a reference answer, and scores any completion
 with `reward(problem, completion) -> 1.0 or 0.0`: whitespace is forgiven, the answer itself must be exact.
 
-    addition        "What is 4 0 7 + 8 5?"   -> "4 9 2"     operands of up to --digits digits (the difficulty dial)
-    subtraction     "What is 4 0 7 - 8 5?"   -> "3 2 2"     the larger operand first, so answers are never negative
+    addition        "What is 4 0 7 + 8 5 2?" -> "1 2 5 9"   two numbers of --digits digits (the difficulty dial)
+    subtraction     "What is 8 5 2 - 4 0 7?" -> "4 4 5"     the larger first, so answers are never negative
     stdlib_module   "Which standard-library module defines `dedent`?" -> "textwrap"
                     names defined at the top level of exactly one public stdlib module, read with `ast` from the
                     pretraining corpus itself: held-out questions test what pretraining taught, SFT the format
@@ -64,13 +64,15 @@ def exact_number(problem: Problem, completion: str) -> bool:
 
 
 def arithmetic(name: str, digits: int) -> Task:
-    """addition or subtraction of two numbers below 10**digits."""
+    """addition or subtraction of two numbers of `digits` digits (0..9 for one digit)."""
     if not 1 <= digits <= 12:
         raise ValueError(f"task {name!r}: digits must be in 1..12, got {digits}")
     symbol = {"addition": "+", "subtraction": "-"}[name]
+    # Operands of one width put each digit at a fixed distance from the operator, which a small model finds.
+    low = 10 ** (digits - 1) if digits > 1 else 0
 
     def sample(rng: random.Random) -> Problem:
-        a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
+        a, b = rng.randrange(low, 10 ** digits), rng.randrange(low, 10 ** digits)
         if name == "subtraction":
             a, b = max(a, b), min(a, b)
         result = a + b if name == "addition" else a - b
@@ -91,7 +93,8 @@ def unique_stdlib_names() -> tuple[tuple[str, str], ...]:
         except SyntaxError:  # a few stdlib files target other Python versions
             continue
         for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if defines and not node.name.startswith("_"):
                 modules_of[node.name].add(module)
     return tuple(sorted((name, modules.pop()) for name, modules in modules_of.items() if len(modules) == 1))
 
@@ -140,19 +143,19 @@ def in_split(task: Task, problem: Problem, split: str, fraction: float = HELDOUT
 
 
 def problems(task: Task, split: str, count: int, seed: int = 0, fraction: float = HELDOUT_FRACTION) -> list[Problem]:
-    """`count` distinct problems of `split`, drawn in a fixed order for (task, split, seed); fewer when the split
-    holds fewer (stdlib_module has a few hundred held-out names, 1-digit addition a handful of sums)."""
+    """`count` distinct problems (questions) of `split`, drawn in a fixed order for (task, split, seed); fewer when
+    the split holds fewer (stdlib_module has a few hundred held-out names, 1-digit addition a few dozen sums)."""
     rng = random.Random(f"{task.name}:{split}:{seed}")
     found: dict[str, Problem] = {}
     misses = 0
     # A split with no new problems left would loop forever: it is taken as exhausted after many misses in a row.
     while len(found) < count and misses < 10 * count + 10_000:
         problem = task.sample(rng)
-        if problem.key in found or not in_split(task, problem, split, fraction):
+        if problem.question in found or not in_split(task, problem, split, fraction):
             misses += 1
         else:
             misses = 0
-            found[problem.key] = problem
+            found[problem.question] = problem
     return list(found.values())
 
 

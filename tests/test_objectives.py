@@ -201,6 +201,20 @@ def test_dpo_starts_at_log_2_and_a_step_widens_the_margin(tokenizer):
         after_metrics["reward_margin"].item(), rel=1e-9)
 
 
+def test_dpo_nll_term_is_the_chosen_replies_mean_cross_entropy(tokenizer):
+    policy = tiny_model(tokenizer)
+    batch = chat_data.preference_rows(tokenizer, PAIRS, 128)
+    loss, metrics = objectives.dpo(copy.deepcopy(policy), beta=0.5, nll_weight=0.3)(policy, batch)
+    per_token = []  # the chosen replies' mean cross-entropy, reply by reply
+    for i, pair in enumerate(PAIRS):
+        count = int((batch["chosen_targets"][i] != -1).sum())
+        logp = objectives.sequence_logprobs(policy, batch["chosen_inputs"][i:i + 1], batch["chosen_targets"][i:i + 1])
+        per_token.append(-logp.item() / count)
+    expected = sum(per_token) / len(per_token)
+    assert metrics["chosen_nll"].item() == pytest.approx(expected, rel=1e-10)
+    assert loss.item() == pytest.approx(math.log(2) + 0.3 * expected, rel=1e-10)  # DPO starts at log 2
+
+
 def test_precomputed_reference_equals_the_live_reference(tokenizer):
     reference = tiny_model(tokenizer, seed=0)
     policy = tiny_model(tokenizer, seed=3)  # a different policy, so the rewards are not all zero
@@ -298,7 +312,7 @@ def test_one_grpo_step_raises_the_probability_of_rewarded_tokens(tokenizer):
         return float(text[:1].lower() in "abcdefghijklm")
 
     def step(reward):
-        """The mass of the rewarded tokens after one GRPO step of a fresh policy with `reward`, and the step's metrics."""
+        """The rewarded tokens' mass after one GRPO step of a fresh policy with `reward`, and the step's metrics."""
         policy = tiny_model(tokenizer).float()
         engine = Engine(policy, tokenizer, EngineConfig(max_num_seqs=16, max_model_len=64, block_size=4))
         objective = objectives.grpo(engine, [prompt], reward, reference=copy.deepcopy(policy), group_size=16,
