@@ -27,6 +27,7 @@ from pathlib import Path
 import regex
 
 from nanostack.atomic import atomic_file
+from nanostack.chat_template import compile_chat_template
 
 # The split of GPT-2's ByteLevel pre-tokenizer with use_regex (its documented pattern).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -257,17 +258,23 @@ def _token_text(value):
 def _chat_template(directory: Path, tokenizer_config: dict) -> str | None:
     """The default chat template: chat_template.jinja (which transformers prefers), else tokenizer_config.json's
     chat_template (a string, or a list of {"name", "template"}); None when there is none."""
-    jinja_file = directory / "chat_template.jinja"
-    template = jinja_file.read_text(encoding="utf-8") if jinja_file.exists() else tokenizer_config.get("chat_template")
+    source = directory / "chat_template.jinja"
+    if source.exists():
+        template = source.read_text(encoding="utf-8")
+    else:
+        source, template = directory / "tokenizer_config.json", tokenizer_config.get("chat_template")
     if isinstance(template, list):
         named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
         if "default" not in named:
-            raise ValueError(f"{directory / 'tokenizer_config.json'}: chat_template names {sorted(map(str, named))} "
-                             f"but no 'default' template")
+            raise ValueError(f"{source}: chat_template names {sorted(map(str, named))} but no 'default' template")
         template = named["default"]
-    if template is not None and not isinstance(template, str):
-        raise ValueError(f"{directory / 'tokenizer_config.json'}: chat_template must be a string, got "
-                         f"{type(template).__name__}")
+    if template is not None:
+        if not isinstance(template, str):
+            raise ValueError(f"{source}: chat_template must be a string, got {type(template).__name__}")
+        try:
+            compile_chat_template(template)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
     return template
 
 
@@ -315,10 +322,9 @@ def hf_tokenizer_json(tokenizer) -> dict:
     post_processor = None
     if tokenizer.bos_id is not None:
         bos = added_text.get(tokenizer.bos_id) or next(text(t) for t, i in vocabulary if i == tokenizer.bos_id)
-        before = {"SpecialToken": {"id": bos, "type_id": 0}}
-        post_processor = {"type": "TemplateProcessing", "single": [before, {"Sequence": {"id": "A", "type_id": 0}}],
-                          "pair": [before, {"Sequence": {"id": "A", "type_id": 0}},
-                                   {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        first, second = ([{"SpecialToken": {"id": bos, "type_id": i}}, {"Sequence": {"id": text_id, "type_id": i}}]
+                         for i, text_id in enumerate("AB"))
+        post_processor = {"type": "TemplateProcessing", "single": first, "pair": first + second,
                           "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}
     return {
         "version": "1.0", "truncation": None, "padding": None,

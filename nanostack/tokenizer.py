@@ -296,7 +296,8 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)
         self.text_tokens = frozenset(text_tokens)
         if not self.text_tokens <= self.special_tokens.keys():
-            raise ValueError(f"text_tokens {sorted(self.text_tokens - self.special_tokens.keys())} are not special tokens")
+            raise ValueError(f"text_tokens {sorted(self.text_tokens - self.special_tokens.keys())} are not in "
+                             f"special_tokens")
         if normalizer not in (None, "NFC"):
             raise ValueError(f"normalizer must be None or 'NFC', got {normalizer!r}")
 
@@ -308,7 +309,8 @@ class Tokenizer:
             ordinary_ids, encoding_specials = list(self.mergeable_ranks.values()), self.special_tokens
         else:
             if sorted(self.mergeable_ranks.values()) != list(range(len(self.token_ids))):
-                raise ValueError(f"with token_ids, mergeable_ranks must use each rank 0..{len(self.token_ids) - 1} once")
+                raise ValueError(f"with token_ids, mergeable_ranks must use each rank 0..{len(self.token_ids) - 1} "
+                                 f"exactly once")
             ordinary_ids = self.token_ids
             encoding_specials = {token: len(self.token_ids) + i for i, token in enumerate(self.special_tokens)}
             self._rank_to_id = self.token_ids + list(self.special_tokens.values())
@@ -334,12 +336,13 @@ class Tokenizer:
         self.hf_config = hf_config
 
         # Plain text splits only on text_tokens. A rendered chat splits on every special token, except the
-        # control-token text that the caller's strings brought in, which render_chat marks (see _mark_controls).
+        # control-token text that the caller's strings brought in, which render_chat marks (see mark_controls).
         controls = _alternation(self.special_tokens.keys() - self.text_tokens)
         self._control_pattern = regex.compile(controls)
-        self._chat_splitter = regex.compile(f"{CONTROL_START}(?P<text>{controls}){CONTROL_END}|"
-                                            f"(?P<token>{_alternation(self.special_tokens)})|[{CONTROL_START}{CONTROL_END}]")
-        self._text_splitter = regex.compile(f"(?P<token>{_alternation(self.text_tokens)})") if self.text_tokens else None
+        self._chat_splitter = regex.compile(f"{CONTROL_START}(?P<text>{controls}){CONTROL_END}|(?P<token>"
+                                            f"{_alternation(self.special_tokens)})|[{CONTROL_START}{CONTROL_END}]")
+        self._text_splitter = (regex.compile(f"(?P<token>{_alternation(self.text_tokens)})") if self.text_tokens
+                               else None)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
@@ -437,16 +440,7 @@ class Tokenizer:
         then per message its role marker, the content and <|end|>; add_generation_prompt adds <|assistant|>.
         The mask comes from rendering prefixes (chat_template.reply_span), so it holds for any template.
         """
-        if not isinstance(messages, (list, tuple)):
-            raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-        for position, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise TypeError(f"messages[{position}] must be a dict, got {type(message).__name__}")
-            if not isinstance(message.get("role"), str):
-                raise ValueError(f"messages[{position}] has role {message.get('role')!r}; expected a string like 'user'")
-            if not isinstance(message.get("content"), str):
-                raise TypeError(f"messages[{position}]['content'] must be a string, got "
-                                f"{type(message.get('content')).__name__}")
+        _check_messages(messages)
         ids = self._render_ids(messages, add_generation_prompt, tools)
         mask = [0] * len(ids)
         for index, message in enumerate(messages):
@@ -457,6 +451,12 @@ class Tokenizer:
                 start, end = reply_span(ids, before, prompt, turn, self.stop_ids, f"messages[{index}]")
                 mask[start:end] = [1] * (end - start)
         return ids, mask
+
+    def render_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The ids that ask for the next assistant reply: render_chat's ids with add_generation_prompt, without
+        the renders that the loss mask takes (a server's prompt)."""
+        _check_messages(messages)
+        return self._render_ids(messages, True, tools)
 
     def _render_ids(self, messages, add_generation_prompt: bool, tools) -> list[int]:
         """Token ids of the template rendered on the messages, their control-token text kept as text."""
@@ -525,6 +525,21 @@ class Tokenizer:
             raise ValueError(f"{path} has special tokens {state.get('specials')}, but this code defines "
                              f"{tokenizer.special_tokens}")
         return tokenizer
+
+
+def _check_messages(messages) -> None:
+    """Check the messages render_chat takes: a list of dicts, each with a string role and string content."""
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(f"messages[{position}] must be a dict, got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{position}] has role {message.get('role')!r}; expected a string "
+                             f"like 'user'")
+        if not isinstance(message.get("content"), str):
+            raise TypeError(f"messages[{position}]['content'] must be a string, got "
+                            f"{type(message.get('content')).__name__}")
 
 
 def _int_list(ids) -> list[int]:

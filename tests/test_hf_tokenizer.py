@@ -81,6 +81,12 @@ def train_hf(directory, pre_tokenizer, specials, text_tokens=(), normalizer=None
     return tokenizer
 
 
+def split_then_bytes(pattern: str):
+    """Llama 3's and Qwen2's pre-tokenizer: a regex Split, then ByteLevel without its own split."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def write_json(path, content):
     path.write_text(json.dumps(content))
 
@@ -88,9 +94,7 @@ def write_json(path, content):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama")
-    split = pre_tokenizers.Split(Regex(LLAMA3_STYLE_SPLIT), "isolated")
-    hf = train_hf(directory, pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                      use_regex=False)]),
+    hf = train_hf(directory, split_then_bytes(LLAMA3_STYLE_SPLIT),
                   ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                   bos="<|begin_of_text|>")
     write_json(directory / "tokenizer_config.json", {
@@ -104,9 +108,7 @@ def llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("qwen")
-    split = pre_tokenizers.Split(Regex(QWEN2_STYLE_SPLIT), "isolated")
-    hf = train_hf(directory, pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                      use_regex=False)]),
+    hf = train_hf(directory, split_then_bytes(QWEN2_STYLE_SPLIT),
                   ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<think>", "</think>"], normalizers.NFC())
     # Renumber the merged tokens in reverse: `tokenizers` merges by the merges list, so it encodes the same
     # text, but the ids no longer follow the merge order that tiktoken's ranks must.
@@ -240,7 +242,7 @@ def test_chat_template_matches_transformers(name, request):
     tokenizer, auto = Tokenizer.load(directory / "tokenizer.json"), auto_tokenizer(directory)
     assert tokenizer.render_chat(CONVERSATION)[0] == chat_ids(auto, CONVERSATION)
     prompt = CONVERSATION[:4]
-    assert tokenizer.render_chat(prompt, add_generation_prompt=True)[0] == \
+    assert tokenizer.render_chat(prompt, add_generation_prompt=True)[0] == tokenizer.render_prompt(prompt) == \
         chat_ids(auto, prompt, add_generation_prompt=True)
 
 
@@ -249,7 +251,8 @@ def test_sft_mask_is_the_assistant_replies(name, end_of_turn, request):
     directory = request.getfixturevalue(f"{name}_dir")
     tokenizer = Tokenizer.load(directory / "tokenizer.json")
     hf = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-    replies = [hf_ids(hf, m["content"]) + [hf.token_to_id(end_of_turn)] for m in CONVERSATION if m["role"] == "assistant"]
+    end = hf.token_to_id(end_of_turn)
+    replies = [hf_ids(hf, m["content"]) + [end] for m in CONVERSATION if m["role"] == "assistant"]
     ids, mask = tokenizer.render_chat(CONVERSATION)
     assert masked_spans(ids, mask) == replies
     inputs, targets = chat_data.sft_example(tokenizer, CONVERSATION, seq_len=512)  # what finetune.py trains on
@@ -279,7 +282,8 @@ def test_mask_when_the_template_rewrites_earlier_replies(qwen_dir, tmp_path):
     ids, mask = tokenizer.render_chat(messages)
     assert ids == chat_ids(auto, messages)
     end = tokenizer.special_tokens["<|im_end|>"]
-    assert masked_spans(ids, mask) == [tokenizer.encode("one") + [end], tokenizer.encode("<think>r2</think>two") + [end]]
+    replies = [tokenizer.encode("one") + [end], tokenizer.encode("<think>r2</think>two") + [end]]
+    assert masked_spans(ids, mask) == replies
 
 
 def test_template_that_changes_text_before_a_reply_is_refused(qwen_dir, tmp_path):
