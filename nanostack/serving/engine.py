@@ -158,7 +158,7 @@ class Engine:
                         speculator: Speculator | None = None, **config_fields) -> "Engine":
         """An engine over a checkpoint's model and tokenizer; config_fields are EngineConfig fields."""
         from nanostack.quant import load_for_serving  # plain or int8-quantized checkpoints alike
-        loaded = load_for_serving(path, device)
+        loaded = load_for_serving(path, device, dtype)
         model = loaded["model"] if dtype is None else loaded["model"].to(dtype)
         return cls(model, loaded["tokenizer"], EngineConfig(**config_fields), speculator)
 
