@@ -302,7 +302,9 @@ def import_hf(directory, device="cpu", dtype: torch.dtype = torch.float32) -> GP
             if entry is None:
                 raise CheckpointError(f"{where} has no tensor {name}, though {directory / INDEX} places it there")
             shape = parameters[ours].shape[1:] if expert is not None else parameters[ours].shape
-            if tuple(entry["shape"]) != tuple(shape) or entry["dtype"] not in SAFETENSORS_DTYPES:
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            begin, end = entry["data_offsets"]
+            if tuple(entry["shape"]) != tuple(shape) or dtype is None or end - begin != shape.numel() * dtype.itemsize:
                 raise CheckpointError(f"{where}: {name} is {entry['dtype']} {entry['shape']}, but {config_path} "
                                       f"({_shape_fields(config)}) gives a float {list(shape)}")
             plan[where].append((entry, ours, expert))

@@ -175,9 +175,10 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, dtype=torch.floa
     """cos/sin tables, each (max_seq_len, head_dim), for positions 0..max_seq_len-1 in rotate_half layout."""
     # Built in float64 so the angles at large positions are exact before rounding to `dtype`.
     inv_freq, scale = rope_frequencies(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)  # (max_seq_len, head_dim): dim i and i + hd/2 share an angle
-    return (scale * angles.cos()).to(dtype=dtype, device=device), (scale * angles.sin()).to(dtype=dtype, device=device)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (max_seq_len, head_dim / 2)
+    cos, sin = (scale * angles.cos()).to(dtype), (scale * angles.sin()).to(dtype)
+    # (max_seq_len, head_dim): dims i and i + hd/2 share an angle
+    return torch.cat((cos, cos), dim=-1).to(device), torch.cat((sin, sin), dim=-1).to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

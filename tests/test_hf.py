@@ -252,6 +252,16 @@ def test_every_tool_loads_a_hugging_face_directory(qwen2_with_tokenizer, qwen2_d
         checkpoint.load_checkpoint(qwen2_dir)
 
 
+def test_a_long_context_gets_the_kv_pool_that_fits_in_memory(qwen2_dir, monkeypatch):
+    import nanostack.serving.engine as engine_module
+    from nanostack.serving.kv_cache import kv_bytes_per_block
+    model = hf.import_hf(qwen2_dir)
+    block_bytes = kv_bytes_per_block(model.kv_layout(), 16, torch.float32)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_AVPHYS_PAGES": 100 * block_bytes // 4096}  # room for 80 blocks at 80%
+    monkeypatch.setattr(engine_module.os, "sysconf", pages.__getitem__)
+    assert Engine(model, None, EngineConfig(max_num_seqs=64)).blocks.num_blocks == 80  # 64 * 128 / 16 wanted
+
+
 def test_serve_help_names_every_supported_family():
     import serve
     assert all(family in serve.__doc__ for family in hf.SUPPORTED)
@@ -279,6 +289,10 @@ def _drop_tensor(directory):
     save_file(tensors, shard)
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
 def _pickles_only(directory):
     for shard in directory.glob("*.safetensors"):
         shard.unlink()
@@ -302,6 +316,8 @@ BAD_INPUTS = {
     "shape": (lambda d: _edit_config(d, intermediate_size=48),
               r"model-0000\d-of-0000\d.safetensors: model.layers.0.mlp.gate_proj.weight is F32 \[64, 32\], but "
               r".*config.json \(.*intermediate_size=48"),
+    "truncated": (lambda d: _truncate(sorted(d.glob("*.safetensors"))[0]), r"model-00001-of-0000\d.safetensors ends "
+                                                                            r"inside its tensors: truncated"),
     "pickle": (_pickles_only, r"no \*.safetensors weights \(it has \['pytorch_model.bin'\]\): nanostack never unpickles"),
 }
 
