@@ -13,9 +13,10 @@ load's own: reported is the peak minus the resident set before loading (the inte
 imports), over the size of the weights. The issue's target is <= 1.2x, i.e. no full float32 copy on the CPU and
 no second copy of the weights beside the model. Both loaders build the model on the meta device, whose first use
 imports ~900 modules (sympy among them, ~0.18 GB): a fixed cost, the same for both and for any model size, so each
-child pays it (with one tiny meta-device op) before its baseline is taken. Load time is wall time from the call until every weight has been read once (transformers maps the
-files and reads a weight on first use, so it is touched here), best of --repeats fresh processes (the files sit
-in the page cache after the first read, for both loaders).
+child pays it (with one tiny meta-device op) before its baseline is taken. Load time is wall time from the call
+until every weight has been read once (transformers maps the files and reads a weight on first use, so it is
+touched here), best of --repeats fresh processes (the files sit in the page cache after the first read, for both
+loaders).
 
 On CUDA, rows also show the time to load straight onto the GPU, and the serving engine's offline throughput on
 each shape (random weights, random prompts, fixed output lengths with ignore_eos, greedy), for bench/gpu.sh.
@@ -188,9 +189,9 @@ def main(argv=None) -> int:
         if "serving" in entry:
             print(f"{name}: serving {entry['serving']['output_tokens_per_s']:,.0f} output tokens/s")
     results["note"] = ("measured on a 2-core machine shared with other jobs: load times are noisy, compare the two "
-                       "loaders within this run. transformers maps the safetensors files, so its weights are page-cache "
-                       "pages that the kernel may drop and re-read under memory pressure: its resident growth can read "
-                       "below the weights' size; nanostack's weights are its own memory, read once")
+                       "loaders within this run. transformers maps the safetensors files, so its weights are "
+                       "page-cache pages that the kernel may drop and re-read under memory pressure: its resident "
+                       "growth can read below the weights' size; nanostack's weights are its own memory, read once")
     write_result("bench_hf", results, config.device)
     return 0
 

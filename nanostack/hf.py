@@ -65,7 +65,7 @@ def _refuse(path, field, value, why: str):
 
 
 def _rope_settings(hf: dict, path) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either transformers 5's `rope_parameters` or 4's `rope_theta` + `rope_scaling`."""
+    """(rope_theta, rope_scaling) from transformers 5's `rope_parameters` or 4's `rope_theta` + `rope_scaling`."""
     field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     rope = dict(hf.get(field) or {})
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or DEFAULT_ROPE_THETA.get(hf["model_type"], 1e4)
@@ -257,7 +257,8 @@ def weight_files(directory: Path) -> dict[str, Path]:
 
 
 def _read_into(file, data_start: int, entry: dict, destination: torch.Tensor) -> None:
-    """Read one tensor's bytes from an open safetensors file into `destination` (converted if dtype or device differ)."""
+    """Read one tensor's bytes from an open safetensors file into `destination` (converted if dtype or device
+    differ)."""
     begin, end = entry["data_offsets"]
     direct = (destination.dtype == SAFETENSORS_DTYPES[entry["dtype"]] and destination.device.type == "cpu"
               and destination.is_contiguous())
@@ -302,9 +303,10 @@ def import_hf(directory, device="cpu", dtype: torch.dtype = torch.float32) -> GP
             if entry is None:
                 raise CheckpointError(f"{where} has no tensor {name}, though {directory / INDEX} places it there")
             shape = parameters[ours].shape[1:] if expert is not None else parameters[ours].shape
-            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            stored = SAFETENSORS_DTYPES.get(entry["dtype"])
             begin, end = entry["data_offsets"]
-            if tuple(entry["shape"]) != tuple(shape) or dtype is None or end - begin != shape.numel() * dtype.itemsize:
+            if (tuple(entry["shape"]) != tuple(shape) or stored is None
+                    or end - begin != shape.numel() * stored.itemsize):
                 raise CheckpointError(f"{where}: {name} is {entry['dtype']} {entry['shape']}, but {config_path} "
                                       f"({_shape_fields(config)}) gives a float {list(shape)}")
             plan[where].append((entry, ours, expert))
@@ -314,8 +316,8 @@ def import_hf(directory, device="cpu", dtype: torch.dtype = torch.float32) -> GP
                     - ({"lm_head.weight"} if config.tie_embeddings else set()))
     unused = [name for name in unused if not name.endswith("rotary_emb.inv_freq")]
     if unused:
-        raise CheckpointError(f"{directory}: tensors {unused[:4]} (of {len(unused)}) have no place in the {hf['model_type']} "
-                              f"model that {config_path} describes")
+        raise CheckpointError(f"{directory}: tensors {unused[:4]} (of {len(unused)}) have no place in the "
+                              f"{hf['model_type']} model that {config_path} describes")
 
     model.to_empty(device=device)
     model.reset_rope(dtype, device)
@@ -325,7 +327,7 @@ def import_hf(directory, device="cpu", dtype: torch.dtype = torch.float32) -> GP
             for entry, ours, expert in sorted(items, key=lambda item: item[0]["data_offsets"][0]):
                 destination = parameters[ours] if expert is None else parameters[ours][expert]
                 _read_into(file, headers[where][1], entry, destination)
-    return model.eval()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

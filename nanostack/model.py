@@ -45,7 +45,7 @@ class ModelConfig:
     mlp_hidden: int = 0             # SwiGLU hidden width; 0 = ~8/3 * n_embd rounded up to a multiple of 64
     max_seq_len: int = 512          # longest sequence (RoPE tables and KV caches are sized for it)
     rope_theta: float = 10000.0     # RoPE base: larger stretches the positions a rotation period covers
-    rope_scaling: dict | None = None  # scaled RoPE as Hugging Face writes it, e.g. {"rope_type": "linear", "factor": 2.0}
+    rope_scaling: dict | None = None  # scaled RoPE in Hugging Face's words: {"rope_type": "linear", "factor": 2.0}
     qkv_bias: bool = False          # biases on the q/k/v projections (Qwen2)
     qk_norm: bool = False           # RMSNorm over each head of q and k before RoPE (Qwen3)
     sliding_window: int = 0         # 0 = full causal attention; W = each token sees itself and the W - 1 before it
@@ -124,7 +124,7 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-# rope_type -> (the keys its rope_scaling dict needs, the optional ones with their defaults), as Hugging Face names them.
+# rope_type -> (the keys its rope_scaling dict needs, the optional ones with defaults), named as Hugging Face does.
 ROPE_SCALINGS = {
     "linear": (("factor",), {}),
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), {}),

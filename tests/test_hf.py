@@ -318,7 +318,8 @@ BAD_INPUTS = {
               r".*config.json \(.*intermediate_size=48"),
     "truncated": (lambda d: _truncate(sorted(d.glob("*.safetensors"))[0]), r"model-00001-of-0000\d.safetensors ends "
                                                                             r"inside its tensors: truncated"),
-    "pickle": (_pickles_only, r"no \*.safetensors weights \(it has \['pytorch_model.bin'\]\): nanostack never unpickles"),
+    "pickle": (_pickles_only,
+               r"no \*.safetensors weights \(it has \['pytorch_model.bin'\]\): nanostack never unpickles"),
 }
 
 
