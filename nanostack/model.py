@@ -287,8 +287,8 @@ def paged_attention(q, k, v, k_pool, v_pool, batch: PagedBatch, *, use_kernels: 
 
     The Triton kernels (default: on CUDA) read the pools directly. Otherwise each sequence's keys are gathered
     out of the pools and torch SDPA runs on them (for decode ~3x faster on CPU than the kernel's reference).
-    The kernels have no window, so a windowed model always takes the SDPA path (every block stays in the pool:
-    the window saves compute, not memory, here)."""
+    The kernels have no window, so a windowed model always takes the SDPA path with the window as a mask: exact,
+    but no cheaper (every block stays in the pool and the masked scores are still computed)."""
     from kernels.paged_attention import paged_decode_attention, write_kv
     write_kv(k_pool, v_pool, k, v, batch.slot_mapping)
     use_kernels = USE_FLASH_KERNEL and q.is_cuda if use_kernels is None else use_kernels
