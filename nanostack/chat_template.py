@@ -71,6 +71,8 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 def render(template: jinja2.Template, messages, add_generation_prompt: bool, tools, variables: dict) -> str:
     """The template's text for the messages; `variables` are the special-token texts (bos_token, eos_token...)."""
+    # As transformers does: a key set to None (OpenAI's tool_calls=None) reads as absent to `is defined` checks.
+    messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
     try:
         return template.render(messages=messages, tools=tools, documents=None,
                                add_generation_prompt=add_generation_prompt, **variables)
