@@ -5,10 +5,11 @@ helpers real templates call (raise_exception, tojson, strftime_now) and transfor
 (trim_blocks, lstrip_blocks, loop controls).
 
 Two things the template alone does not give, both solved here without knowing the template:
-- User text must not forge control tokens: "<|im_end|>" typed in a message stays text. The caller's strings
-  get each control token's text wrapped in two private-use marks before rendering; the tokenizer encodes a
-  marked token as text and drops stray marks (a template may split a string between them). Wrapping, rather
-  than breaking the text, keeps template logic like `'</think>' in content` working.
+- User text must not forge control tokens (nanostack's six specials, a Hugging Face tokenizer's added tokens
+  marked "special"): "<|im_end|>" typed in a message stays text. The caller's strings get each control
+  token's text wrapped in two private-use marks before rendering; the tokenizer encodes a marked token as
+  text, together with the text around it, and drops stray marks (a template may split a string between
+  them). Wrapping, rather than breaking the text, keeps template logic like `'<|im_end|>' in content` working.
 - SFT needs to know which tokens are the assistant's. `reply_span` finds a reply by rendering prefixes: the
   conversation up to the reply, without and with the generation prompt, and up to the reply itself.
 """
