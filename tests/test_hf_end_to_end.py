@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from nanostack.tokenizer import Tokenizer  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does json.dumps do?"}]
+# ChatML that refuses a conversation opened by the assistant, as real templates refuse what they cannot render.
+TEMPLATE = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('the assistant cannot speak first') }}"
+            "{% endif %}" + CHATML_TEMPLATE)
 MAX_TOKENS = 24
 
 
@@ -66,7 +70,7 @@ def base_dir(tmp_path_factory):
     # Swap the output rows of eos and of a token the free-running greedy reply picks for the first time at step
     # 4 or later: the reply is the same up to there, then ends with eos.
     write_json(directory / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None,
-                                                     "eos_token": "<|endoftext|>", "chat_template": CHATML_TEMPLATE})
+                                                     "eos_token": "<|endoftext|>", "chat_template": TEMPLATE})
     prompt = Tokenizer.load(directory / "tokenizer.json").render_prompt(CHAT)
     free = hf_greedy(model, prompt, eos_token_id=None)
     stop_at = next(i for i in range(4, len(free)) if free[i] not in free[:i])
@@ -101,11 +105,16 @@ class ServePy:
         assert listening, "".join(self.output)
         self.url = listening.group(1)
 
-    def post(self, route: str, body: dict) -> dict:
+    def post(self, route: str, body: dict, status: int = 200) -> dict:
         request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                answer = response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            answer = error.code, json.loads(error.read())
+        assert answer[0] == status, answer
+        return answer[1]
 
     def close(self):
         self.process.terminate()
@@ -129,6 +138,8 @@ def test_serve_py_answers_as_transformers_generates(base_dir):
         assert reply["choices"][0]["finish_reason"] == "stop"
         assert reply["choices"][0]["message"]["content"] == text(expected[:-1])
         assert (reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]) == (len(prompt), len(expected))
+        refused = server.post("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400)
+        assert "the assistant cannot speak first" in refused["error"]["message"]
 
         prompt_text = "def fib(n):"
         prompt = auto(prompt_text)["input_ids"]  # no bos token for this tokenizer
