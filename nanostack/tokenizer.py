@@ -43,6 +43,11 @@ GPT4_SPLIT_PATTERN = (
 )
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+# render_chat's format as a Jinja template, for tools that render chats themselves (lm-eval through the server's
+# /tokenizer_info): its text, encoded with special-token text read as such, is exactly render_chat's ids (unless a
+# message's content itself holds special-token text, which render_chat keeps as plain text).
+CHAT_TEMPLATE = ("{{ '<|bos|>' }}{% for message in messages %}{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ "
+                 "'<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 FILE_FORMAT = "nanostack-tokenizer"
 FILE_VERSION = 1
@@ -288,8 +293,11 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ordinary text: special-token strings in it are encoded as text."""
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ordinary text: special-token strings in it are encoded as text, unless allow_special
+        (for tools that find a special token's id by encoding its text, as lm-eval does through /tokenize)."""
+        if allow_special:
+            return self.encoding.encode(text, allowed_special="all")
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:

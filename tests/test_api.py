@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import jinja2.sandbox
 import openai
 import pytest
 import torch
@@ -293,6 +294,72 @@ def test_tokenize_detokenize_models(live, tokenizer):
     ids = tokenizer.encode("Grüße aus Köln!")
     assert post(live.url + "/detokenize", {"tokens": ids})[2] == {"prompt": "Grüße aus Köln!"}
     assert [m.id for m in live.client().models.list().data] == ["nanostack"]
+
+
+def test_lm_eval_remote_tokenizer_and_loglikelihood(live, model, tokenizer):
+    """The calls lm-evaluation-harness's `local-completions` makes with `tokenizer_backend=remote`: /tokenizer_info
+    (it needs `eos_token`), special ids found by sending their text to /tokenize, the chat template rendered with
+    Jinja, then token-id prompts scored with echo + logprobs, the continuation's sum taken from `[ctxlen:-1]`."""
+    with urllib.request.urlopen(live.url + "/tokenizer_info", timeout=10) as response:
+        info = json.loads(response.read())
+
+    def encode(text):
+        return post(live.url + "/tokenize", {"prompt": text, "add_special_tokens": False})[2]["tokens"]
+    assert encode("test") == tokenizer.encode("test")
+    assert [encode(info["bos_token"]), encode(info["eos_token"])] == [[tokenizer.bos_id], [tokenizer.eos_id]]
+    assert post(live.url + "/detokenize", {"tokens": encode(info["eos_token"])})[2]["prompt"] == "<|eos|>"
+    assert info["model_max_length"] == MAX_SEQ_LEN and info["tokenizer_class"]
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what does json.dumps do?"}]
+    template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(info["chat_template"])
+    rendered = template.render(messages=messages, add_generation_prompt=True)
+    assert encode(rendered) == tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+
+    context, continuation = "def fib(n):", " return fib(n - 1)"
+    ids, ctxlen = encode(context + continuation), len(encode(context))
+    status, _, reply = post(live.url + "/v1/completions", {"model": "nanostack", "prompt": [ids], "temperature": 0,
+                                                           "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True})
+    assert status == 200
+    scored = reply["choices"][0]["logprobs"]
+    reference = reference_logprobs(model, ids)
+    expected = [float(reference[p - 1, ids[p]]) for p in range(ctxlen, len(ids))]
+    assert scored["token_logprobs"][ctxlen:-1] == pytest.approx(expected, abs=1e-4)
+    greedy = all(token == max(top.values()) for token, top in zip(scored["token_logprobs"][ctxlen:-1],
+                                                                  scored["top_logprobs"][ctxlen:-1]))
+    assert greedy == all(int(reference[p - 1].argmax()) == ids[p] for p in range(ctxlen, len(ids)))
+
+
+def test_lone_surrogates_are_refused_with_the_field_named(live, tokenizer):
+    # JSON can spell a lone surrogate; json.dumps writes it as the escape, which is how a client would send it.
+    cases = [("/v1/completions", {"prompt": "hi \ud800", "stream": True, "echo": True}, "prompt"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages[0].content"),
+             ("/v1/completions", {"prompt": "hi", "stop": ["ok", "\udc00"]}, "stop[1]"),
+             ("/tokenize", {"prompt": "hi", "\ud83d": 1}, "\\ud83d")]
+    for path, body, field in cases:
+        status, _, answer = post(live.url + path, json.dumps(body).encode())
+        assert_openai_error(status, answer, 400)
+        assert answer["error"]["param"] == field and field in answer["error"]["message"]
+    # A surrogate pair is one character (an emoji), not a lone surrogate: accepted.
+    status, _, answer = post(live.url + "/tokenize", json.dumps({"prompt": "\U0001f642"}).encode())
+    assert status == 200 and answer["tokens"][1:] == tokenizer.encode("\U0001f642")
+
+
+def test_a_stream_that_fails_after_its_headers_ends_with_an_error_event_and_done(make_live):
+    live = make_live()
+
+    def broken_token_text(token):
+        raise RuntimeError("simulated bug while building a chunk")
+    live.server._token_text = broken_token_text
+    request = urllib.request.Request(live.url + "/v1/completions", data=json.dumps({
+        "prompt": "hi", "max_tokens": 8, "logprobs": 1, "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+        events = response.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "simulated bug" in error["message"]
+    wait_until(lambda: live.server.active == 0 and live.server.engine_loop.stats.kv_cache_usage == 0,
+               what="the request aborted and its blocks freed")
 
 
 # ------------------------------------------------------------------------------------------------------------
