@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import json
 import random
-import re
 import shutil
 import signal
 import socket
@@ -32,6 +31,7 @@ from nanostack.checkpoint import load_checkpoint, save_checkpoint
 from nanostack.serving.api import SERVER, ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.speculative import SpeculativeConfig, Speculator
+from prometheus_text import parse_prometheus
 
 # conftest.py: `tokenizer` (tiny BPE), `sharpened_model` (fixed-seed random GPT factory), `one_thread`.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -638,32 +638,6 @@ def _is_up(port: int) -> bool:
 # ------------------------------------------------------------------------------------------------------------
 # /metrics: strict Prometheus text, counters equal to what was sent
 
-LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
-SAMPLE = re.compile(rf'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{{(?P<labels>{LABEL}(?:,{LABEL})*)\}} '
-                    r'(?P<value>[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|Inf))$')
-COMMENT = re.compile(r"^# (?:HELP (?P<help>[a-zA-Z_:][a-zA-Z0-9_:]*) .+|TYPE (?P<type>[a-zA-Z_:][a-zA-Z0-9_:]*) "
-                     r"(?P<kind>counter|gauge|histogram))$")
-
-
-def parse_prometheus(text: str) -> dict:
-    """{(name, frozenset of label pairs): value}; every line must be a HELP, TYPE or sample of a declared family."""
-    assert text.endswith("\n")
-    families, samples = {}, {}
-    for line in text.splitlines():
-        comment, sample = COMMENT.match(line), SAMPLE.match(line)
-        assert comment or sample, f"not Prometheus text: {line!r}"
-        if comment and comment["type"]:
-            families[comment["type"]] = comment["kind"]
-        elif sample:
-            name = sample["name"]
-            family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
-            assert family in families, f"{name} has no # TYPE line before it"
-            labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', sample["labels"]))
-            assert (name, labels) not in samples, f"duplicate sample {line!r}"
-            samples[name, labels] = float(sample["value"])
-    return samples
-
-
 def test_metrics_count_what_was_sent(make_live, tokenizer):
     live = make_live()
     rng = random.Random(1)
@@ -685,22 +659,46 @@ def test_metrics_count_what_was_sent(make_live, tokenizer):
     model = ("model_name", "nanostack")
 
     def value(name, **labels):
-        return samples[f"nanostack:{name}", frozenset([model, *labels.items()])]
+        return samples[f"vllm:{name}", frozenset([model, *labels.items()])]
     num_requests, lengths = 4, [4, 5, 6, 3]
-    assert value("prompt_tokens_total") == sum(len(p) for p, _ in requests) + len(chat_ids)
+    prompt_lengths = [len(p) for p, _ in requests] + [len(chat_ids)]
+    assert value("prompt_tokens_total") == sum(prompt_lengths)
     assert value("generation_tokens_total") == sum(lengths)
-    assert value("requests_finished_total", finish_reason="length") == num_requests
-    assert value("requests_finished_total", finish_reason="abort") == 0
+    assert value("request_success_total", finished_reason="length") == num_requests
+    assert value("request_success_total", finished_reason="abort") == 0
     assert value("prefix_cache_hits_total") == 32
-    assert value("prefix_cache_queries_total") == sum(len(p) for p, _ in requests) + len(chat_ids)
-    assert value("num_requests_running") == value("num_requests_waiting") == value("kv_cache_usage_ratio") == 0
-    for name, count in (("time_to_first_token_seconds", num_requests), ("e2e_request_latency_seconds", num_requests),
-                        ("inter_token_latency_seconds", sum(n - 1 for n in lengths))):
+    assert value("prefix_cache_queries_total") == sum(prompt_lengths)
+    assert value("num_requests_running") == value("num_requests_waiting") == value("kv_cache_usage_perc") == 0
+    assert value("cache_config_info", block_size="16", num_gpu_blocks=str(live.engine.blocks.num_blocks)) == 1
+
+    def histogram(name):
+        """(cumulative counts by upper bound, sum, count), checking the buckets are cumulative and end at the count."""
         buckets = sorted((float(dict(labels)["le"]), v) for (sample, labels), v in samples.items()
-                         if sample == f"nanostack:{name}_bucket")
-        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
-        assert buckets[-1] == (float("inf"), count) and value(f"{name}_count") == count
-        assert value(f"{name}_sum") > 0
+                         if sample == f"vllm:{name}_bucket")
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][0] == float("inf")
+        assert buckets[-1][1] == value(f"{name}_count")
+        return dict(buckets), value(f"{name}_sum"), value(f"{name}_count")
+    phases = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+              "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds")
+    seconds = {name: histogram(name)[1] for name in phases}
+    for name in phases:
+        assert histogram(name)[2] == num_requests
+    assert histogram("inter_token_latency_seconds")[2] == sum(n - 1 for n in lengths)
+    assert seconds["time_to_first_token_seconds"] > 0 and seconds["request_decode_time_seconds"] > 0
+    # Each phase ends where the next begins: queue + prefill = TTFT, prefill + decode = inference, TTFT + decode = e2e.
+    for whole, first, second in (("time_to_first_token", "request_queue_time", "request_prefill_time"),
+                                 ("request_inference_time", "request_prefill_time", "request_decode_time"),
+                                 ("e2e_request_latency", "time_to_first_token", "request_decode_time")):
+        assert seconds[f"{whole}_seconds"] == pytest.approx(seconds[f"{first}_seconds"] + seconds[f"{second}_seconds"],
+                                                            rel=1e-9, abs=1e-9)
+    buckets, total, count = histogram("request_prompt_tokens")
+    assert (total, count) == (sum(prompt_lengths), num_requests)
+    assert [buckets[bound] for bound in (5.0, 10.0, 20.0, 50.0, 100.0)] == [
+        sum(n <= bound for n in prompt_lengths) for bound in (5, 10, 20, 50, 100)]  # vLLM's 1-2-5 buckets
+    assert histogram("request_generation_tokens")[1:] == (sum(lengths), num_requests)
+    # Every step computes the prompt tokens not found in the prefix cache, and each sampled token but the last.
+    _, total, count = histogram("iteration_tokens_total")
+    assert total == sum(prompt_lengths) - 32 + sum(n - 1 for n in lengths) and count >= max(lengths)
 
 
 def test_speculative_serving_streams_the_greedy_text_and_exports_its_counters(model, tokenizer):
@@ -717,8 +715,8 @@ def test_speculative_serving_streams_the_greedy_text_and_exports_its_counters(mo
         spec = engine.stats().speculative
         model_label = ("model_name", "nanostack")
         assert spec.num_draft_tokens > 0
-        assert samples["nanostack:spec_decode_num_draft_tokens_total", frozenset([model_label])] == spec.num_draft_tokens
-        assert samples["nanostack:spec_decode_num_accepted_tokens_total", frozenset([model_label])] \
+        assert samples["vllm:spec_decode_num_draft_tokens_total", frozenset([model_label])] == spec.num_draft_tokens
+        assert samples["vllm:spec_decode_num_accepted_tokens_total", frozenset([model_label])] \
             == spec.num_accepted_tokens == sum(spec.accepted_per_position)
     finally:
         live.close()

@@ -156,7 +156,7 @@ class Server:
         self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
         self.max_model_len = engine.scheduler.config.max_model_len
         self.max_sequences = engine.scheduler.config.max_num_seqs + config.max_waiting
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.max_model_len, engine.config.block_size)
         self.engine_loop: EngineLoop | None = None
         self.active = 0                    # engine requests submitted and not finished
         self.idle = asyncio.Event()
@@ -168,7 +168,8 @@ class Server:
     async def start(self, app) -> None:
         """Start the engine thread (on startup: it needs the running event loop)."""
         self.idle.set()
-        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop(), self._on_output)
+        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop(), self._on_output,
+                                      self.metrics.observe_step)
         self.engine_loop.thread.start()
 
     async def drain(self, app) -> None:
@@ -188,9 +189,9 @@ class Server:
         """Stop the engine thread (on cleanup, after drain)."""
         self.engine_loop.stop()
 
-    def _on_output(self, sink: asyncio.Queue, output: RequestOutput | None) -> None:
+    def _on_output(self, sink: asyncio.Queue, output: RequestOutput | None, scheduled_time: float | None) -> None:
         if output is not None:
-            self.metrics.observe(output)
+            self.metrics.observe(output, scheduled_time)
         sink.put_nowait(output)
 
     def track(self, change: int) -> None:
