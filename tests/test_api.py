@@ -627,6 +627,49 @@ def test_serve_py_sigterm_drains_and_exits_0(checkpoint_dir):
         process.wait()
 
 
+@pytest.mark.slow
+def test_serve_py_exits_within_the_shutdown_timeout_plus_2s_with_streams_open(tokenizer, sharpened_model, tmp_path):
+    """SIGTERM with 8 streams that would run for many seconds: each gets `aborted` and [DONE], and the process is
+    gone within --shutdown-timeout + 2 s."""
+    model = sharpened_model(tokenizer.vocab_size, 1024, n_layer=4, n_embd=256, n_head=4, n_kv_head=4)
+    save_checkpoint(tmp_path / "ckpt", model.state_dict(), model.config, tokenizer)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path / "ckpt"), "--port",
+                                str(port), "--device", "cpu", "--shutdown-timeout", "1", "--max-num-seqs", "8"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _is_up(port) or process.poll() is not None, timeout=90, what="serve.py listening")
+        started, bodies = threading.Barrier(9), []
+
+        def stream():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps({
+                "prompt": "hi", "max_tokens": 1000, "ignore_eos": True, "stream": True}).encode())
+            with urllib.request.urlopen(request, timeout=60) as response:
+                first = response.readline()
+                started.wait(60)
+                bodies.append(first + response.read())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream) for _ in range(8)]
+            started.wait(60)  # every stream has its first token
+            sigterm = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+            elapsed = time.monotonic() - sigterm
+            for future in streams:
+                future.result(timeout=10)
+        assert elapsed < 1 + 2, f"exited {elapsed:.1f} s after SIGTERM"
+        for body in bodies:
+            events = body.decode().split("\n\n")
+            assert events[-2:] == ["data: [DONE]", ""]
+            assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "aborted"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
 def _is_up(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:

@@ -17,8 +17,10 @@ choices, or several prompts, is several engine requests feeding one queue. /metr
 
 Lifetimes. A client that disconnects cancels its handler (aiohttp's `handler_cancellation`), and the handler's
 `finally` aborts its engine requests, which frees their KV blocks on the engine's next step. On shutdown the
-server stops accepting, waits up to `shutdown_timeout` for the requests in flight, then aborts the rest. If the
-engine thread dies, /health answers 503, requests in flight get a 500 and new ones a 503: nothing hangs.
+server stops accepting, waits up to `shutdown_timeout` for the requests in flight, then aborts the rest, whose
+clients get an `aborted` error (and `[DONE]` when streaming); each later phase has a budget of its own (ABORT_GRACE,
+HANDLER_GRACE, ENGINE_STOP_GRACE), so the whole shutdown ends within `shutdown_timeout` + 2 s. If the engine
+thread dies, /health answers 503, requests in flight get a 500 and new ones a 503: nothing hangs.
 
 Prompts. A string prompt is encoded after a <|bos|>, as every training document was; token-id prompts are used
 as given. Log-likelihood scoring (lm-eval's `local-completions`) sends `echo: true` with `logprobs`: the prompt's
@@ -49,6 +51,9 @@ from nanostack.serving.protocol import ApiError, get_field, is_int, parse_json_b
 from nanostack.tokenizer import CHAT_TEMPLATE
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
+# Shutdown after shutdown_timeout, in seconds: aborted requests report back (the engine ends its current step first),
+# handlers write their last event (aiohttp waits up to twice this), the engine thread ends.
+ABORT_GRACE, HANDLER_GRACE, ENGINE_STOP_GRACE = 1.0, 0.25, 0.25
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 log = logging.getLogger("nanostack.api")
 
@@ -181,13 +186,13 @@ class Server:
             log.warning("aborting %d requests still running after %.1fs", self.active, self.config.shutdown_timeout)
             self.engine_loop.abort()
             try:
-                await asyncio.wait_for(self.idle.wait(), 5.0)
+                await asyncio.wait_for(self.idle.wait(), ABORT_GRACE)
             except asyncio.TimeoutError:
                 log.error("requests did not finish after their abort; closing anyway")
 
     async def stop(self, app) -> None:
-        """Stop the engine thread (on cleanup, after drain)."""
-        self.engine_loop.stop()
+        """Stop the engine thread (on cleanup, after drain); a step still running ends with the process."""
+        self.engine_loop.stop(ENGINE_STOP_GRACE)
 
     def _on_output(self, sink: asyncio.Queue, output: RequestOutput | None, scheduled_time: float | None) -> None:
         if output is not None:
@@ -567,9 +572,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Listen on host:port (0 = any free port); returns the runner (`await runner.cleanup()` shuts down) and port.
 
-    A disconnecting client cancels its handler, which aborts its engine requests; shutdown drains (see drain)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=app[SERVER].config.shutdown_timeout + 5)
+    A disconnecting client cancels its handler, which aborts its engine requests; shutdown drains (see drain), and
+    only then does aiohttp wait for the handlers, which by then have little left to write."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
