@@ -58,19 +58,31 @@ def parse_args(argv=None):
 
 
 def load_or_train_tokenizer(path, source: str, vocab_size: int, max_mb: float) -> Tokenizer:
-    """Reuse the tokenizer file if it exists; otherwise train one on the first `max_mb` MB of `source` and save it."""
+    """Reuse the tokenizer file if it exists; otherwise train one on the first `max_mb` MB of `source` and save it.
+    Either way its vocabulary is `vocab_size` tokens, or this raises before anything is written."""
     path = Path(path)
     if path.exists():
-        return Tokenizer.load(path)
+        tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size != vocab_size:
+            raise ValueError(f"{path} holds a {tokenizer.vocab_size}-token tokenizer, but --vocab-size is {vocab_size}: "
+                             f"pass --vocab-size {tokenizer.vocab_size} to use it, or another --tokenizer path (or "
+                             f"delete {path}) to train a {vocab_size}-token one")
+        return tokenizer
     budget, texts = int(max_mb * 1e6), []
     for document in data.iter_documents(source):
         texts.append(document.text)
         budget -= len(document.text)
         if budget <= 0:
             break
+    megabytes = sum(map(len, texts)) / 1e6
+    if not megabytes:
+        raise ValueError(f"source {source!r} holds no text to train a tokenizer on ({len(texts)} empty documents)")
     start = time.time()
-    print(f"training a {vocab_size}-token tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB of {source}", flush=True)
+    print(f"training a {vocab_size}-token tokenizer on {megabytes:.1f} MB of {source}", flush=True)
     tokenizer = Tokenizer.train(texts, vocab_size)
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{megabytes:.2f} MB of {source} hold too few distinct pairs for a {vocab_size}-token "
+                         f"vocabulary (they make {tokenizer.vocab_size}): lower --vocab-size, or give more text")
     tokenizer.save(path)
     print(f"tokenizer trained in {time.time() - start:.0f}s: {path}")
     return tokenizer

@@ -75,8 +75,8 @@ SIZES = {
     "cpu": {},  # every stage's own defaults: what a newcomer gets by typing the commands one by one
     "tiny": {
         "tokenizer": "--vocab-size 512 --tokenizer-max-mb 1 --val-fraction 0.1",
-        "pretrain": "--val-fraction 0.1 --depth 1 --seq-len 64 --steps 40 --warmup-steps 5 --eval-batches 4 "
-                    "--sample-every 0 --sample-tokens 16",
+        "pretrain": "--vocab-size 512 --val-fraction 0.1 --depth 1 --seq-len 64 --steps 40 --warmup-steps 5 "
+                    "--eval-batches 4 --sample-every 0 --sample-tokens 16",
         "sft": "--steps 20 --warmup-steps 2 --eval-examples 40 --log-every 5",
         "dpo": "--steps 10 --warmup-steps 2 --eval-examples 40 --log-every 5",
         "int8": "--eval-batches 4 --calibration-batches 2",
