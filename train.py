@@ -64,9 +64,9 @@ def load_or_train_tokenizer(path, source: str, vocab_size: int, max_mb: float) -
     if path.exists():
         tokenizer = Tokenizer.load(path)
         if tokenizer.vocab_size != vocab_size:
-            raise ValueError(f"{path} holds a {tokenizer.vocab_size}-token tokenizer, but --vocab-size is {vocab_size}: "
-                             f"pass --vocab-size {tokenizer.vocab_size} to use it, or another --tokenizer path (or "
-                             f"delete {path}) to train a {vocab_size}-token one")
+            raise ValueError(f"{path} holds a {tokenizer.vocab_size}-token tokenizer, but --vocab-size is "
+                             f"{vocab_size}: pass --vocab-size {tokenizer.vocab_size} to use it, or another "
+                             f"--tokenizer path (or delete {path}) to train a {vocab_size}-token one")
         return tokenizer
     budget, texts = int(max_mb * 1e6), []
     for document in data.iter_documents(source):
@@ -119,8 +119,20 @@ def main(argv=None) -> int:
     distributed.barrier()
     train_shards = data.TokenShards(data_dir, "train", tokenizer)
     val_shards = data.TokenShards(data_dir, "val", tokenizer)
-    loader = data.BatchLoader(train_shards, train_config.batch_size, config.seq_len, seed=train_config.seed,
-                              rank=rank.rank, world_size=rank.world_size)
+
+    def loader_of(split: str, shards, shuffle: bool) -> data.BatchLoader:
+        """A loader over one split; building it checks the split holds a batch, so a split too small (validation
+        included) fails here, before step 1, not when training is over."""
+        try:
+            return data.BatchLoader(shards, train_config.batch_size, config.seq_len, seed=train_config.seed,
+                                    rank=rank.rank, world_size=rank.world_size, shuffle=shuffle)
+        except ValueError as error:
+            raise ValueError(f"the {split} split of {data_dir} ({shards.num_documents:,} documents) is too small: "
+                             f"{error}; documents are split whole (--val-fraction {config.val_fraction}), so a "
+                             f"corpus of few documents can leave a split empty: add documents or change "
+                             f"--val-fraction") from None
+    loader = loader_of("train", train_shards, shuffle=True)
+    loader_of("validation", val_shards, shuffle=False)
     say(f"data: {len(train_shards):,} train tokens, {len(val_shards):,} val tokens in {data_dir}")
 
     if train_config.resume:

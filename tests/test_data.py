@@ -131,8 +131,8 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path, bad_line):
 
 @pytest.mark.parametrize("name", ["corpus.jsonl", "corpus.txt", "corpus.jsonl.gz"])
 def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path, name):
-    lines = ['{"text": "caf\u00e9 ok"}\n'.encode(), b'{"text": "second"}\n', '{"text": "caf\u00e9"}\n'.encode("latin-1")]
-    raw = b"".join(lines)
+    raw = b"".join(['{"text": "caf\u00e9 ok"}\n'.encode(), b'{"text": "second"}\n',
+                    '{"text": "caf\u00e9"}\n'.encode("latin-1")])
     path = tmp_path / name
     path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
     offset = raw.index(b"\xe9")  # the first byte that is not UTF-8: the Latin-1 e-acute of line 3

@@ -30,7 +30,8 @@ def test_histogram_counts_match_a_naive_count():
         histogram.observe(value)
     samples = parse_prometheus("# TYPE h histogram\n" + "\n".join(histogram.samples("h", 'm="x"')) + "\n")
     for bound in buckets:  # cumulative: every value <= the bound, boundary values included
-        assert samples["h_bucket", frozenset({("m", "x"), ("le", str(float(bound)))})] == sum(v <= bound for v in values)
+        labels = frozenset({("m", "x"), ("le", str(float(bound)))})
+        assert samples["h_bucket", labels] == sum(value <= bound for value in values)
     assert samples["h_bucket", frozenset({("m", "x"), ("le", "+Inf")})] == len(values)
     assert samples["h_sum", frozenset({("m", "x")})] == pytest.approx(sum(values))
 

@@ -26,7 +26,8 @@ class EngineLoop:
     """Runs the engine on a thread of its own: commands in through a queue, outputs out to the asyncio loop."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_output, on_step):
-        """`on_output(sink, output, first_scheduled_time or None)` runs on the event loop, `on_step(num_tokens)` here."""
+        """`on_output(sink, output, first_scheduled_time or None)` runs on the event loop, `on_step(num_tokens)` on
+        the engine thread."""
         self.engine, self.loop, self.on_output, self.on_step = engine, loop, on_output, on_step
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.sinks: dict[str, asyncio.Queue] = {}  # request id -> its HTTP request's queue (engine thread only)
