@@ -425,9 +425,9 @@ def finetune_table(run_dir: Path, stage: str, seconds: float) -> str:
 def int8_table(run_dir: Path, seconds: float) -> str:
     """The quality rows of the quant report: bits per byte, perplexity, top-1 agreement, weight bytes."""
     report = json.loads((run_dir / "int8" / "quant_report.json").read_text())
-    rows = [[row["variant"], row["bpb"], f"{row['bpb_increase']:+.3%}", row["perplexity"], row["top1_agreement"],
-             row["weight_bytes"], row["vs_bf16_bytes"]] for row in report["rows"]]
-    return (table(["variant", "val bits/byte", "bpb increase", "perplexity", "top-1 agreement", "weight bytes",
+    rows = [[row["variant"], row["bpb"], f"{row['bpb_increase_percent']:+.3f}", row["perplexity"],
+             row["top1_agreement"], row["weight_bytes"], row["vs_bf16_bytes"]] for row in report["rows"]]
+    return (table(["variant", "val bits/byte", "bpb increase (%)", "perplexity", "top-1 agreement", "weight bytes",
                    "bytes vs bf16"], rows)
             + f"\n\n{report['eval_tokens']:,} validation tokens; {seconds:.1f} s the whole stage")
 
