@@ -9,7 +9,9 @@ The default data is built from the standard library's own docstrings (nanostack/
 download; `--data file.jsonl` takes OpenAI-style {"messages": [...]} lines (sft, distill) or
 {"prompt", "chosen", "rejected"} lines (dpo). Every run evaluates the model before and after training on
 held-out data (assistant-token loss, 4-way multiple-choice accuracy, preference accuracy), prints a table
-and writes it to <out-dir>/eval.json.
+and writes it to <out-dir>/eval.json. Conversations longer than --seq-len tokens keep their beginning; one cut
+before its first assistant token has nothing to learn and is dropped (a DPO pair, when either reply is cut away);
+the counts are printed. The data and every cheap flag are checked before any model loads.
 
 What --out-dir holds:
     step_*/, latest      the fine-tuned model, a plain checkpoint every tool loads (LoRA merged into it);

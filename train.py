@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     say = print if rank.is_main else (lambda *a, **k: None)
     device = rank.device
     torch.manual_seed(train_config.seed)
+    # A run to resume must exist: read its config (cheap) before any download, tokenizer or data work.
+    resumed_config = checkpoint.read_config(train_config.out_dir)[0] if train_config.resume else None
 
     # Rank 0 downloads, trains the tokenizer and tokenizes the corpus; the others wait, then read what it wrote.
     download_dir = Path(config.tokenizer).parent / "download" / Path(config.source).stem
@@ -135,8 +137,8 @@ def main(argv=None) -> int:
     loader_of("validation", val_shards, shuffle=False)
     say(f"data: {len(train_shards):,} train tokens, {len(val_shards):,} val tokens in {data_dir}")
 
-    if train_config.resume:
-        model_config, _ = checkpoint.read_config(train_config.out_dir)
+    if resumed_config is not None:
+        model_config = resumed_config
     else:
         model_config = ModelConfig.from_depth(config.depth, vocab_size=tokenizer.vocab_size,
                                               max_seq_len=config.seq_len,
