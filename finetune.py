@@ -274,7 +274,7 @@ def fitting_examples(config: FinetuneConfig, tokenizer, datasets: Datasets, seq_
         kept, cut, dropped = chat_data.sft_examples(tokenizer, datasets.train_conversations, seq_len)
         what, total = "conversations", len(datasets.train_conversations)
         if cut:
-            say(f"{cut} of {total} training conversations are longer than --seq-len {seq_len} tokens: cut to fit, "
+            say(f"{cut} of {total} training conversations do not fit in --seq-len {seq_len} tokens: cut to fit, "
                 f"and {dropped} of them, cut before any assistant token, dropped")
     if not kept:
         raise ValueError(f"none of the {total} training {what} from {config.data} keeps an assistant token within "

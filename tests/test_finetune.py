@@ -115,7 +115,7 @@ def test_conversations_longer_than_the_context_are_cut_or_dropped_never_nan(work
     capsys.readouterr()
     assert finetune.main(flags) == 0
     printed = capsys.readouterr().out
-    cut = re.search(r"(\d+) of (\d+) training conversations are longer than --seq-len 160 tokens: cut to fit, and "
+    cut = re.search(r"(\d+) of (\d+) training conversations do not fit in --seq-len 160 tokens: cut to fit, and "
                     r"(\d+) of them, cut before any assistant token, dropped", printed)
     assert cut and 0 < int(cut[3]) <= int(cut[1]) < int(cut[2]), printed
     losses = [json.loads(line)["loss"] for line in (workdir / "mixed" / "metrics.jsonl").read_text().splitlines()
