@@ -312,7 +312,9 @@ def test_lm_eval_remote_tokenizer_and_loglikelihood(live, model, tokenizer):
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what does json.dumps do?"}]
     template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(info["chat_template"])
-    rendered = template.render(messages=messages, add_generation_prompt=True)
+    # Rendered as apply_chat_template does: the special tokens' text as variables.
+    rendered = template.render(messages=messages, add_generation_prompt=True, bos_token=info["bos_token"],
+                               eos_token=info["eos_token"])
     assert encode(rendered) == tokenizer.render_chat(messages, add_generation_prompt=True)[0]
 
     context, continuation = "def fib(n):", " return fib(n - 1)"
