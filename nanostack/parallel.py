@@ -73,7 +73,10 @@ def build_mesh(device_type: str, world_size: int, dp: int, tp: int, pp: int) -> 
         raise SettingsError(f"the mesh --dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp} ranks must equal the world "
                             f"size {world_size} (torchrun's ranks); change the sizes (--dp 0 takes what tp and pp "
                             f"leave) or --nproc_per_node/--nnodes")
-    return init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    if dp > 1 and tp > 1:  # one dp x tp group: DTensor then sums a 2-D partial (the gradient norm) in one all-reduce
+        mesh["dp", "tp"]._flatten()
+    return mesh
 
 
 def check_model_fits(config, tp: int, pp: int) -> None:
