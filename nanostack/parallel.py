@@ -51,7 +51,8 @@ from nanostack.cli import SettingsError
 
 MESH_DIMS = ("pp", "dp", "tp")
 # Which way tensor parallelism cuts each projection of a block: column-parallel (dim 0 of the (out, in) weight:
-# output features, and the bias with them) or row-parallel (dim 1: input features; the outputs are partial sums).
+# output features, and the bias with them) or row-parallel (dim 1: input features; the outputs are partial sums,
+# so a bias there would be added once, after the sum: the model has none).
 TP_SPLIT = {"attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise", "attn.wo": "rowwise",
             "mlp.w_gate": "colwise", "mlp.w_up": "colwise", "mlp.w_down": "rowwise"}
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
@@ -138,6 +139,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, plain_output
                 # attn(x, cos, sin, doc_ids, kv_cache): only x is split (along the sequence)
                 "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
                                            desired_input_layouts=(Replicate(), None, None, None, None))}
+        if model.config.qk_norm:  # per-head norms over this rank's heads, q/k (B, T, heads, hd): the weight is
+            # whole on every rank and its gradient sums over them, like a sequence-parallel norm's over positions
+            plan.update({f"attn.{name}": SequenceParallel(sequence_dim=2, use_local_output=True)
+                         for name in ("q_norm", "k_norm")})
         if model.config.n_expert:
             plan["mlp"] = PrepareModuleInput(**gather_sequence, use_local_output=True)
             block.mlp.register_forward_hook(_replicated_aux_loss(tp_mesh))

@@ -43,7 +43,7 @@ TWO_RANKS = [
     ("pp-from-tp", {"pp": 2, "pp_schedule": "gpipe"}, {}, "tp"),  # a full checkpoint into pipeline stages
     ("tp-moe", {"tp": 2}, {}, None),
 ]
-MOE = {"n_expert": 2}  # the tp-moe layout's model (reference: single-moe)
+MOE = {"n_expert": 2, "qkv_bias": True, "qk_norm": True}  # the tp-moe layout's model, with Qwen's attention
 BF16 = {"dtype": "bfloat16"}  # the single-bf16 reference: bf16 autocast (the layout: autocast, FSDP2 casts weights)
 
 

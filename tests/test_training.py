@@ -169,7 +169,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tokenizer, tmp_
         training.train(model, explodes_at_step_5, RandomBatches(config.vocab_size), cfg, model_config=config,
                        tokenizer=tokenizer)
     last = checkpoint.load_checkpoint(tmp_path)
-    assert last["trainer_state"]["step"] == 4
+    assert checkpoint.read_trainer_state(tmp_path)["step"] == 4
     assert all(torch.isfinite(p).all() for p in last["model"].parameters())
 
 
@@ -190,7 +190,7 @@ def test_train_script_end_to_end_and_resume(tmp_path):
     second = subprocess.run(common + ["--steps", "6", "--resume", "true"], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
-    assert checkpoint.load_checkpoint(tmp_path / "run")["trainer_state"]["step"] == 6
+    assert checkpoint.read_trainer_state(tmp_path / "run")["step"] == 6
     missing = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "true", "--out-dir",
                               str(tmp_path / "nowhere"), "--tokenizer", str(tmp_path / "tok.json"), "--source",
                               str(corpus)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
