@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanostack import checkpoint, distributed, parallel
+from nanostack import checkpoint, distributed, hf, parallel
 from nanostack.cli import SettingsError
 from nanostack.model import GPT, ModelConfig
 from parallel_worker import STEPS, run_layout
@@ -133,9 +133,9 @@ def test_a_consolidated_pipeline_checkpoint_serves_and_exports(runs, tmp_path):
     prompt = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(model(prompt), reference(prompt), atol=1e-4, rtol=1e-4)
-    _, hf_weights = checkpoint.import_hf(checkpoint.export_hf(directory, tmp_path / "hf"))
+    round_trip = hf.import_hf(hf.export_hf(directory, tmp_path / "hf"))
     for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(hf_weights[name], tensor, atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(round_trip.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
 
 
 def train_args(work: Path, out: str, *extra: str) -> list[str]:
