@@ -38,7 +38,7 @@ import torch
 
 from nanostack import chat_data, checkpoint, distributed, lora, objectives
 from nanostack.atomic import write_json
-from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
+from nanostack.cli import SettingsError, add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.distributed import ParallelConfig
 from nanostack.model import default_learning_rate
 from nanostack.training import TrainConfig, autocast_context, resolve_device, train
@@ -303,9 +303,12 @@ def main(argv=None) -> int:
     train_config = dataclass_from_args(TrainConfig, args)
     parallel = dataclass_from_args(ParallelConfig, args)
     check_arguments(config)
+    if parallel.tp > 1 or parallel.pp > 1:  # its objectives read whole logits, its evaluation generates
+        raise SettingsError(f"finetune.py runs data-parallel only (--strategy ddp|fsdp), not --tp {parallel.tp} "
+                            f"--pp {parallel.pp}: tensor and pipeline parallelism are for train.py")
     datasets = load_datasets(config)  # every line of a --data file is checked before any model loads
     out_dir = Path(train_config.out_dir or f"out/{config.mode}")
-    rank = distributed.setup(resolve_device(train_config.device))
+    rank = distributed.setup(resolve_device(train_config.device), parallel)
     say = print if rank.is_main else (lambda *a, **k: None)
     device = rank.device
     torch.manual_seed(train_config.seed)
