@@ -165,11 +165,11 @@ def main(argv=None) -> int:
         return bits_per_byte(model, batches, token_bytes)
 
     def sample(model):
-        prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("def ")], device=device)
+        prompt = torch.tensor([tokenizer.bos_prefix + tokenizer.encode("def ")], device=device)
         generator = torch.Generator(device=device).manual_seed(train_config.seed)
         new_tokens = min(config.sample_tokens, model_config.max_seq_len - prompt.shape[1])
         out = model.generate(prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)
-        return tokenizer.decode(out[0, 1:].tolist())
+        return tokenizer.decode(out[0, len(tokenizer.bos_prefix):].tolist())
 
     start = time.time()
     metrics = train(model, objectives.next_token, loader, train_config, model_config=model_config,
