@@ -140,7 +140,7 @@ def test_a_consolidated_pipeline_checkpoint_serves_and_exports(runs, tmp_path):
 
 def train_args(work: Path, out: str, *extra: str) -> list[str]:
     return ["train.py", "--source", str(work / "corpus"), "--tokenizer", str(work / "tokenizer.json"),
-            "--depth", "1", "--n-layer", "2", "--n-head", "2", "--n-kv-head", "2", "--seq-len", "32", "--steps", "4",
+            "--vocab-size", "320", "--depth", "1", "--n-layer", "2", "--n-head", "2", "--n-kv-head", "2", "--seq-len", "32", "--steps", "4",
             "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--sample-every", "0",
             "--save-every", "4", "--val-fraction", "0.3", "--eval-batches", "2", "--out-dir", str(work / out), *extra]
 
