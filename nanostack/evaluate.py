@@ -53,7 +53,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def prompt_ids(tokenizer, problems: list[tasks.Problem]) -> list[list[int]]:
     """The chat prompt of each problem, ending in <|assistant|> to ask for the reply."""
-    return [tokenizer.render_chat(p.messages(), add_generation_prompt=True)[0] for p in problems]
+    return [tokenizer.render_prompt(p.messages()) for p in problems]
 
 
 def task_engine(model, tokenizer, prompts: list[list[int]], max_tokens: int, max_num_seqs: int = MAX_BATCH) -> Engine:
