@@ -486,9 +486,11 @@ def on_policy_pairs(model, tokenizer, train_problems, config: FinetuneConfig, wa
     """DPO pairs from the model's own samples: for each training problem, --group-size completions, and the
     first rewarded one (chosen) with the first unrewarded one (rejected); where none is rewarded, the reference
     answer is the chosen reply, and a problem whose samples are all right gives no pair. Stops at `wanted` pairs."""
-    pairs, sampled, chunk, reference_chosen = [], 0, 256, 0
-    for start in range(0, len(train_problems), chunk):
-        group = train_problems[start:start + chunk]
+    pairs, sampled, reference_chosen = [], 0, 0
+    while sampled < len(train_problems) and len(pairs) < wanted:
+        # Most problems give a pair: sample about as many as are still wanted, in batches the engine runs well.
+        start = sampled
+        group = train_problems[start:start + min(256, max(16, wanted - len(pairs)))]
         prompts = evaluate.prompt_ids(tokenizer, [p for _, p in group])
         engine = evaluate.task_engine(model, tokenizer, prompts, config.max_new_tokens)
         seeds = [start * config.group_size + i for i in range(len(group) * config.group_size)]
@@ -505,8 +507,6 @@ def on_policy_pairs(model, tokenizer, train_problems, config: FinetuneConfig, wa
             pairs.append(chat_data.PreferenceExample(problem.messages(), texts[rewards.index(max(rewards))],
                                                      texts[rewards.index(min(rewards))]))
         sampled += len(group)
-        if len(pairs) >= wanted:
-            break
     say(f"on-policy pairs: {len(pairs):,} from {sampled:,} problems x {config.group_size} samples; the chosen reply "
         f"is a sample in {len(pairs) - reference_chosen:,}, the reference answer in {reference_chosen:,} (no sample "
         f"right); problems whose samples were all right give none")

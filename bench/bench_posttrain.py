@@ -24,6 +24,7 @@ every wall time).
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -47,19 +48,22 @@ class BenchConfig:
     digits: int = 2                 # its difficulty dial
     depth: int = 3                  # train.py --depth of the main model (the distillation teacher)
     student_depth: int = 2          # train.py --depth of the distillation student
-    vocab_size: int = 1024          # tokenizer size when one is trained
-    pretrain_steps: int = 400       # train.py steps of each base model (16 rows of seq_len tokens)
-    seq_len: int = 128              # context of the base models and of packed fine-tuning rows
-    sft_steps: int = 400            # SFT steps (packed rows of --batch-size x seq_len tokens); distillation too
+    pretrain_steps: int = 600       # train.py steps of the main base (train.py's defaults otherwise)
+    student_pretrain_steps: int = 400  # train.py steps of the student's base
+    seq_len: int = 256              # packed rows of the SFT and distillation runs
+    sft_steps: int = 300            # SFT steps (packed rows of --batch-size x seq_len tokens); distillation too
     sft_lr: float = 2.4e-3          # SFT and distillation peak learning rate
-    batch_size: int = 16            # packed rows per SFT / distillation step
-    grpo_steps: int = 150           # GRPO steps of --grpo-prompts prompts x --group-size completions
+    batch_size: int = 8             # packed rows per SFT / distillation step
+    kd_flags: str = "--kd-temperature 1 --kd-alpha 1"  # distillation: the teacher's full distribution as the target
+    grpo_steps: int = 100           # GRPO steps of --grpo-prompts prompts x --group-size completions
     grpo_prompts: int = 16          # prompts per GRPO step
-    grpo_lr: float = 3e-4           # GRPO peak learning rate
+    grpo_lr: float = 1e-4           # GRPO peak learning rate
     group_size: int = 8             # completions per prompt (GRPO), samples per prompt (DPO's pairs)
     dpo_steps: int = 150            # DPO steps of --dpo-batch-size pairs
     dpo_batch_size: int = 16        # pairs per DPO step
-    dpo_lr: float = 3e-4            # DPO peak learning rate
+    dpo_lr: float = 5e-5            # DPO peak learning rate
+    dpo_nll_weight: float = 1.0     # DPO: weight of the chosen reply's cross-entropy (RPO)
+    max_new_tokens: int = 8         # tokens per sampled completion (a 2-digit sum needs 6 with the end token)
     eval_examples: int = 500        # held-out problems every model is scored on
     jobs: int = 2                   # runs at once (independent ones only)
     device: str = "cpu"             # cpu | cuda
@@ -75,7 +79,10 @@ def start(command: list[str], log: Path, threads: int) -> tuple[subprocess.Popen
 
 
 def run_together(commands: dict[str, tuple[list[str], Path]], config: BenchConfig) -> dict[str, dict]:
-    """Run the named commands, config.jobs at a time; per name: wall seconds, peak RSS and the load at the end."""
+    """Run the named commands, config.jobs at a time; per name: wall and CPU seconds, peak RSS, the load at the end.
+
+    With one thread per run, a run's CPU seconds are about the wall seconds it takes on an idle core, whatever
+    else the machine is doing: what the idle-machine estimate is built from."""
     pending, running, usage = list(commands.items()), {}, {}
     while pending or running:
         while pending and len(running) < max(1, config.jobs):
@@ -89,17 +96,28 @@ def run_together(commands: dict[str, tuple[list[str], Path]], config: BenchConfi
         code = os.waitstatus_to_exitcode(status)
         if code:
             sys.exit(f"{' '.join(command[:3])}... failed ({code}); see {log}:\n{log.read_text()[-3000:]}")
-        usage[name] = {"wall_seconds": time.time() - began, "peak_rss_mb": rusage.ru_maxrss / 1024,
-                       "load_average_1m_at_end": os.getloadavg()[0]}
+        usage[name] = {"wall_seconds": time.time() - began, "cpu_seconds": rusage.ru_utime + rusage.ru_stime,
+                       "peak_rss_mb": rusage.ru_maxrss / 1024, "load_average_1m_at_end": os.getloadavg()[0]}
     return usage
 
 
-def pretrain_command(config: BenchConfig, work: Path, out: Path, depth: int) -> list[str]:
-    """train.py for a base model on the standard library."""
-    return ["train.py", "--depth", str(depth), "--seq-len", str(config.seq_len), "--steps", str(config.pretrain_steps),
-            "--batch-size", "16", "--vocab-size", str(config.vocab_size), "--tokenizer-max-mb", "2",
-            "--tokenizer", str(work / "tokenizer.json"), "--out-dir", str(out), "--eval-every", "0",
-            "--sample-every", "0", "--save-every", str(config.pretrain_steps), "--device", config.device]
+def idle_estimate(stages: list[list[float]], jobs: int) -> float:
+    """Wall seconds the stages would take on an idle machine: each stage's runs (their CPU seconds, one core
+    each) placed in order on the first free of `jobs` cores, one stage after the other."""
+    total = 0.0
+    for seconds in stages:
+        cores = [0.0] * max(1, jobs)
+        for run in seconds:
+            cores[cores.index(min(cores))] += run
+        total += max(cores, default=0.0)
+    return total
+
+
+def pretrain_command(config: BenchConfig, work: Path, out: Path, depth: int, steps: int) -> list[str]:
+    """train.py for a base model on the standard library, with the tokenizer and shards the prepare stage wrote."""
+    return ["train.py", "--depth", str(depth), "--steps", str(steps), "--tokenizer", str(work / "tokenizer.json"),
+            "--data-dir", str(work / "data"), "--out-dir", str(out), "--eval-every", "0", "--sample-every", "0", "--save-every", str(steps),
+            "--device", config.device]
 
 
 def finetune_command(config: BenchConfig, out: Path, init: str, mode: str, flags: list[str]) -> list[str]:
@@ -107,11 +125,12 @@ def finetune_command(config: BenchConfig, out: Path, init: str, mode: str, flags
     task = ["--pairs-from-task" if mode == "dpo" else "--task", config.task]
     return ["finetune.py", "--mode", mode, "--init", init, "--out-dir", str(out), *task, "--digits",
             str(config.digits), "--seq-len", str(config.seq_len), "--eval-examples", str(config.eval_examples),
-            "--group-size", str(config.group_size), "--log-every", "25", "--device", config.device, *flags]
+            "--group-size", str(config.group_size), "--max-new-tokens", str(config.max_new_tokens), "--log-every", "25",
+            "--device", config.device, *flags]
 
 
 def result(work: Path, name: str, usage: dict) -> dict:
-    """A run's eval.json with its wall time, memory and the load."""
+    """A run's eval.json with its wall and CPU time, memory and the load."""
     return {**json.loads((work / name / "eval.json").read_text()), **usage[name]}
 
 
@@ -120,11 +139,12 @@ def metric(report: dict, when: str, name: str, config: BenchConfig):
     return report[when].get(f"{config.task}/{name}")
 
 
-def table_row(name: str, report: dict, when: str, config: BenchConfig, seconds: float | None) -> dict:
-    """One line of the comparison: held-out pass@1 / pass@8, reward, KL to the reference, wall time."""
+def table_row(name: str, report: dict, when: str, config: BenchConfig, usage: dict) -> dict:
+    """One line of the comparison: held-out pass@1 / pass@8, reward, KL to the reference, wall and CPU time."""
     return {"model": name, "pass@1": metric(report, when, "pass@1", config),
             "pass@8": metric(report, when, "pass@8", config), "reward": metric(report, when, "reward", config),
-            "KL to ref": metric(report, when, "kl_to_reference", config), "wall s": seconds}
+            "KL to ref": metric(report, when, "kl_to_reference", config), "wall s": usage.get("wall_seconds"),
+            "CPU s": usage.get("cpu_seconds")}
 
 
 def main(argv=None) -> int:
@@ -135,16 +155,27 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     began = time.time()
     usage: dict[str, dict] = {}
+    stages: list[list[str]] = []
 
     def stage(title: str, commands: dict[str, list[str]]) -> None:
+        """Run the commands whose output (<work>/<name>/<what the script writes last>) is not there yet."""
+        done = {"train.py": "latest", "finetune.py": "eval.json", "data/prepare.py": "index.json"}
         todo = {name: (command, work / f"{name}.log") for name, command in commands.items()
-                if not (work / name / ("latest" if command[0] == "train.py" else "eval.json")).exists()}
+                if not (work / name / done[command[0]]).exists()}
         print(f"{title}{'' if todo else ' (reused from ' + str(work) + ')'}", flush=True)
-        usage.update(run_together(todo, config))
+        for name, measured in run_together(todo, config).items():
+            (work / f"{name}.usage.json").write_text(json.dumps(measured))
+        # A run reused from an earlier invocation keeps the times it was measured with.
+        usage.update({name: json.loads((work / f"{name}.usage.json").read_text()) for name in commands})
+        stages.append(list(commands))
 
-    bases = {"pretrain": (config.init, config.depth), "pretrain_small": (config.student_init, config.student_depth)}
-    stage("pretraining", {name: pretrain_command(config, work, work / name, depth)
-                          for name, (given, depth) in bases.items() if not given})
+    bases = {"pretrain": (config.init, config.depth, config.pretrain_steps),
+             "pretrain_small": (config.student_init, config.student_depth, config.student_pretrain_steps)}
+    if not (config.init and config.student_init):  # one tokenizer and one set of shards, before the two runs use them
+        stage("tokenizer and shards", {"data": ["data/prepare.py", "--tokenizer", str(work / "tokenizer.json"),
+                                                "--out-dir", str(work / "data")]})
+    stage("pretraining", {name: pretrain_command(config, work, work / name, depth, steps)
+                          for name, (given, depth, steps) in bases.items() if not given})
     init = config.init or str(work / "pretrain")
     student_init = config.student_init or str(work / "pretrain_small")
     sft_flags = ["--steps", str(config.sft_steps), "--batch-size", str(config.batch_size), "--packing", "true",
@@ -159,18 +190,20 @@ def main(argv=None) -> int:
             "--warmup-steps", "10", "--save-every", str(config.grpo_steps)]),
         "dpo": finetune_command(config, work / "dpo", sft, "dpo", [
             "--steps", str(config.dpo_steps), "--batch-size", str(config.dpo_batch_size), "--lr", str(config.dpo_lr),
-            "--warmup-steps", "10", "--save-every", str(config.dpo_steps)]),
-        "distill": finetune_command(config, work / "distill", student_init, "distill", [*sft_flags, "--teacher", sft])})
+            "--dpo-nll-weight", str(config.dpo_nll_weight), "--warmup-steps", "10", "--save-every",
+            str(config.dpo_steps)]),
+        "distill": finetune_command(config, work / "distill", student_init, "distill",
+                                    [*sft_flags, "--teacher", sft, *shlex.split(config.kd_flags)])})
 
     runs = {name: result(work, name, usage) for name in ("sft", "grpo", "dpo", "student_sft", "distill")}
-    seconds = {name: usage.get(name, {}).get("wall_seconds") for name in (*runs, *bases)}
-    rows = [table_row("base (pretrained)", runs["sft"], "before", config, seconds["pretrain"]),
-            table_row("SFT", runs["sft"], "after", config, seconds["sft"]),
-            table_row("SFT -> DPO (on-policy pairs)", runs["dpo"], "after", config, seconds["dpo"]),
-            table_row("SFT -> GRPO", runs["grpo"], "after", config, seconds["grpo"]),
-            table_row("student base", runs["student_sft"], "before", config, seconds["pretrain_small"]),
-            table_row("student SFT alone", runs["student_sft"], "after", config, seconds["student_sft"]),
-            table_row("student distilled from SFT", runs["distill"], "after", config, seconds["distill"])]
+    timing = {name: usage.get(name, {}) for name in (*runs, *bases)}  # a given --init has no pretraining time
+    rows = [table_row("base (pretrained)", runs["sft"], "before", config, timing["pretrain"]),
+            table_row("SFT", runs["sft"], "after", config, timing["sft"]),
+            table_row("SFT -> DPO (on-policy pairs)", runs["dpo"], "after", config, timing["dpo"]),
+            table_row("SFT -> GRPO", runs["grpo"], "after", config, timing["grpo"]),
+            table_row("student base", runs["student_sft"], "before", config, timing["pretrain_small"]),
+            table_row("student SFT alone", runs["student_sft"], "after", config, timing["student_sft"]),
+            table_row("student distilled from SFT", runs["distill"], "after", config, timing["distill"])]
     print_table(rows, f"{config.task} ({config.digits} digits): held-out pass@k on {config.eval_examples} problems "
                       f"({config.device})")
 
@@ -200,9 +233,12 @@ def main(argv=None) -> int:
     print_table([{"target": name, "met": t["met"], "value": json.dumps(t["value"], default=float)[:90]}
                  for name, t in targets.items()], "targets")
     total = time.time() - began
-    print(f"total {total:.0f}s (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    idle = idle_estimate([[usage[name]["cpu_seconds"] for name in names] for names in stages], config.jobs)
+    print(f"total {total:.0f}s wall (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); "
+          f"{idle:.0f}s on {config.jobs} idle cores, estimated from each run's CPU seconds")
     write_result("posttrain", {"config": asdict(config), "table": rows, "runs": runs, "usage": usage,
-                               "targets": targets, "total_seconds": total}, device=config.device)
+                               "targets": targets, "total_seconds": total, "idle_estimate_seconds": idle},
+                 device=config.device)
     return 0
 
 

@@ -52,7 +52,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def prompt_ids(tokenizer, problems: list[tasks.Problem]) -> list[list[int]]:
-    """The chat prompt of each problem, ending in <|assistant|> to ask for the reply."""
+    """The chat prompt of each problem, ending where the assistant's reply starts (<|assistant|>)."""
     return [tokenizer.render_prompt(p.messages()) for p in problems]
 
 
@@ -69,6 +69,8 @@ def task_engine(model, tokenizer, prompts: list[list[int]], max_tokens: int, max
 def evaluate_task(model, tokenizer, task: tasks.Task, problems: list[tasks.Problem], k: int = 8,
                   temperature: float = 1.0, max_tokens: int = 16, seed: int = 0, reference=None) -> dict:
     """{"pass@1", "pass@k", "reward"} of `model` on `problems` (and "kl_to_reference" given a reference)."""
+    if not problems:
+        raise ValueError(f"task {task.name!r} has no held-out problems to score: raise its --digits")
     prompts = prompt_ids(tokenizer, problems)
     engine = task_engine(model, tokenizer, prompts, max_tokens)
     greedy = objectives.rollouts(engine, prompts, 1, temperature=0.0, max_tokens=max_tokens, seeds=[0] * len(prompts))

@@ -5,8 +5,10 @@
     python -m nanostack.speedrun --preset gpt2 --dry-run true  # print the 8-GPU GPT-2-class commands
 
 The default sizes are each stage's own defaults, so the speedrun is exactly the commands a newcomer types one by
-one: 306 s on 2 idle CPU cores (Xeon, torch 2.13 CPU): tokenizer and shards 10 s, pretraining 173 s (600 steps, val
-1.80 bits/byte), SFT 40 s, DPO 64 s, int8 13 s, serving 6 s. --tiny shrinks every stage: 45 s.
+one, but for post-training: SFT, DPO and GRPO learn 2-digit addition (nanostack/tasks.py), with the flags that
+make that work in a minute or two each (SIZES["cpu"], from bench/bench_posttrain.py's measurements). Before the
+task stages it took 306 s on 2 idle CPU cores (Xeon, torch 2.13 CPU): tokenizer and shards 10 s, pretraining
+173 s (600 steps, val 1.80 bits/byte), int8 13 s, serving 6 s. --tiny shrinks every stage.
 
 Each stage is the command a user would type (data/prepare.py, train.py, finetune.py, python -m nanostack.quant,
 serve.py), run from the repo root as a subprocess, so the report shows it and any one can be re-run alone.
@@ -75,18 +77,24 @@ PRESETS = ("cpu", "gpt2")
 # --tiny reads one 380 kB stdlib package (email/) and trains a 512-token vocabulary and a 1-layer model.
 SOURCES = {"cpu": "stdlib", "tiny": str(Path(sysconfig.get_paths()["stdlib"]) / "email"),
            "gpt2": "fineweb-edu-100b-shuffle"}
+# Post-training on the task: SFT long enough to learn it part way, DPO on pairs with the NLL term, GRPO.
+POST_TRAINING = {"sft": "--packing true --steps 300 --lr 2.4e-3",
+                 "dpo": "--steps 100 --batch-size 16 --lr 5e-5 --dpo-nll-weight 1",
+                 "grpo": "--steps 60 --batch-size 16 --lr 1e-4"}
 SIZES = {
-    "cpu": {},  # every stage's own defaults: what a newcomer gets by typing the commands one by one
+    "cpu": POST_TRAINING,  # and every other stage's own defaults: what a newcomer gets by typing the commands
     "tiny": {
         "tokenizer": "--vocab-size 512 --tokenizer-max-mb 1 --val-fraction 0.1",
         "pretrain": "--vocab-size 512 --val-fraction 0.1 --depth 1 --seq-len 64 --steps 40 --warmup-steps 5 "
                     "--eval-batches 4 --sample-every 0 --sample-tokens 16",
-        "sft": "--steps 20 --warmup-steps 2 --eval-examples 40 --log-every 5 --pass-k 2",
-        "dpo": "--steps 10 --warmup-steps 2 --eval-examples 40 --log-every 5 --pass-k 2",
-        "grpo": "--steps 4 --warmup-steps 1 --eval-examples 40 --log-every 2 --pass-k 2 --batch-size 4 --group-size 4",
+        "sft": "--steps 20 --warmup-steps 2 --eval-examples 40 --log-every 5 --pass-k 2 --max-new-tokens 8",
+        "dpo": "--steps 10 --warmup-steps 2 --eval-examples 40 --log-every 5 --pass-k 2 --max-new-tokens 8",
+        "grpo": "--steps 4 --warmup-steps 1 --eval-examples 40 --log-every 2 --pass-k 2 --max-new-tokens 8 "
+                "--batch-size 4 --group-size 4",
         "int8": "--eval-batches 4 --calibration-batches 2",
     },
-    "gpt2": {  # the README's GPT-2-class flags; post-training, int8 and serving keep their defaults, on one GPU
+    "gpt2": {  # the README's GPT-2-class flags; post-training as on the CPU; int8 and serving keep their defaults
+        **POST_TRAINING,
         "tokenizer": "--max-shards 60 --vocab-size 32768 --tokenizer-max-mb 500",
         "pretrain": "--strategy fsdp --max-shards 60 --vocab-size 32768 --tokenizer-max-mb 500 --depth 12 "
                     "--seq-len 1024 --batch-size 32 --steps 5000 --warmup-steps 200 --compile true",

@@ -1,7 +1,7 @@
 """Verifiable tasks: questions whose answers a program checks, so post-training is measured, not asserted.
 
 Each task draws chat problems from a seeded generator, gives each a reference answer, and scores any completion
-with `reward(problem, completion) -> 1.0 or 0.0`: whitespace is forgiven, the answer itself must be exact.
+with `reward(task, problem, completion) -> 1.0 or 0.0`: whitespace is forgiven, the answer itself must be exact.
 
     addition        "What is 4 0 7 + 8 5 2?" -> "1 2 5 9"   two numbers of --digits digits (the difficulty dial)
     subtraction     "What is 8 5 2 - 4 0 7?" -> "4 4 5"     the larger first, so answers are never negative

@@ -237,3 +237,18 @@ def test_grpo_with_lora_evaluates_pass_at_k_and_resumes_exactly(workdir, monkeyp
     assert any(finished[name].abs().sum() > 0 for name in finished if name.endswith("lora_b"))  # B starts at 0
     for name in finished:
         assert torch.equal(again[name], finished[name]), name
+
+
+def test_on_policy_pairs_prefer_a_right_sample_or_the_reference_answer(workdir):
+    """Pairs from the model's own samples, scored by the task: chosen right, rejected wrong, and the reference
+    answer as the chosen reply where no sample was right."""
+    loaded = checkpoint.load_checkpoint(workdir / "init")
+    config = finetune.FinetuneConfig(mode="dpo", pairs_from_task="even_length", group_size=4, max_new_tokens=3)
+    even = tasks.Task("even_length", tasks.get_task("addition", 2).sample, lambda problem, text: len(text) % 2 == 0)
+    problems = [(even, p) for p in tasks.problems(even, "train", 40)]
+    pairs = finetune.on_policy_pairs(loaded["model"], loaded["tokenizer"], problems, config, 30, lambda *a: None)
+    assert len(pairs) == 30
+    answers = {p.question: p.answer for _, p in problems}
+    from_samples = [pair for pair in pairs if pair.chosen != answers[pair.prompt[0]["content"]]]
+    assert 0 < len(from_samples) < len(pairs)  # some chosen replies are samples, some the reference answer
+    assert all(len(pair.chosen) % 2 == 0 for pair in from_samples) and all(len(pair.rejected) % 2 for pair in pairs)
