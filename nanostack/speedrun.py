@@ -62,9 +62,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from nanostack import tasks
 from nanostack.atomic import atomic_file, write_json
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
-from nanostack import tasks
 from nanostack.data import jsonl_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,8 +254,8 @@ async def one_request(session, base_url: str, index: int, max_tokens: int) -> di
 
 
 async def query_server(base_url: str, config: SpeedrunConfig) -> dict:
-    """Send config.requests requests, config.concurrency at a time, then the task questions (greedy, unlimited by
-    ignore_eos); the per-request records, the summary and the answers."""
+    """Send config.requests requests, config.concurrency at a time, then the task questions (greedy, each ending
+    at its end of turn); the per-request records, the summary and the answers."""
     limit = asyncio.Semaphore(config.concurrency)
 
     async def limited(session, index):
