@@ -100,16 +100,16 @@ def test_report_numbers_are_the_stage_files_numbers(tiny_run):
         for name in ("heldout_loss", "addition/pass@1", "addition/pass@2", "addition/reward"):
             assert rows[name]["before"] == f"{evaluation['before'][name]:.4f}"
             assert rows[name]["after"] == f"{evaluation['after'][name]:.4f}"
-    # SFT started from the pretrained model, DPO and GRPO from the SFT model: each "before" is the SFT's "after".
+    # DPO and GRPO start from the SFT run's checkpoint at step 10 (of 20): the same model, scored alike.
     sft, dpo, grpo = (json.loads((out_dir / s / "eval.json").read_text()) for s in ("sft", "dpo", "grpo"))
-    for later in (dpo, grpo):
-        assert later["before"]["heldout_loss"] == pytest.approx(sft["after"]["heldout_loss"], rel=1e-5)
-        assert later["before"]["addition/pass@2"] == sft["after"]["addition/pass@2"]  # same problems, same seeds
+    assert Path(dpo["init"]).name == Path(grpo["init"]).name == "step_000010" and sft["steps"] == 20
+    assert dpo["before"] == pytest.approx(grpo["before"], rel=1e-6) and grpo["before"] != sft["after"]
     # The comparison table: one row per model, its numbers those of the eval.json files.
     body = found["GRPO, and post-training compared"]
     compared = table_rows(body[body.index("| model |"):])
-    assert [row["model"] for row in compared] == ["base (pretrained)", "SFT", "SFT -> DPO", "SFT -> GRPO"]
-    for row, metrics in zip(compared, (sft["before"], sft["after"], dpo["after"], grpo["after"])):
+    assert [row["model"] for row in compared] == ["base (pretrained)", "SFT step_000010", "SFT -> DPO", "SFT -> GRPO",
+                                                  "SFT, all 20 steps"]
+    for row, metrics in zip(compared, (sft["before"], grpo["before"], dpo["after"], grpo["after"], sft["after"])):
         assert row["pass@1"] == f"{metrics['addition/pass@1']:.4f}"
         assert row["reward"] == f"{metrics['addition/reward']:.4f}"
     assert compared[3]["KL to reference"] == f"{grpo['after']['addition/kl_to_reference']:.4f}"
@@ -173,8 +173,8 @@ def test_gpt2_preset_runs_the_readme_command_under_torchrun():
     assert flags(pretrain)["--out-dir"] == "out/gpt2run/pretrain"
     # The stages chain through the run directory: each reads what the one before wrote.
     assert flags(shlex.split(lines["sft"]))["--init"] == "out/gpt2run/pretrain"
-    assert flags(shlex.split(lines["dpo"]))["--init"] == "out/gpt2run/sft"
-    assert flags(shlex.split(lines["grpo"]))["--init"] == "out/gpt2run/sft"
+    assert flags(shlex.split(lines["dpo"]))["--init"] == "out/gpt2run/sft/step_000250"
+    assert flags(shlex.split(lines["grpo"]))["--init"] == "out/gpt2run/sft/step_000250"
     assert flags(shlex.split(lines["int8"]))["--model"] == "out/gpt2run/grpo"
     assert flags(shlex.split(lines["serve"]))["--model"] == "out/gpt2run/int8"
     # train.py finds the corpus the tokenizer stage downloaded and tokenized (the same directories).
