@@ -147,20 +147,23 @@ def sample(logits: torch.Tensor, params_list: list[SamplingParams],
     if logits.dim() != 2 or logits.shape[0] != len(params_list) or len(generators) != len(params_list):
         raise ValueError(f"logits {tuple(logits.shape)} must be (batch, vocab) with one params and one generator "
                          f"per row; got {len(params_list)} params and {len(generators)} generators")
-    greedy = torch.tensor([p.greedy for p in params_list], device=logits.device)
+    # Decided from the params on the host: asking the device (greedy.all()) would wait for it.
+    greedy = [p.greedy for p in params_list]
     token_ids = logits.argmax(dim=-1)  # (B,)
-    if not greedy.all():
+    if not all(greedy):
         probs = filtered_logits(logits, params_list).softmax(dim=-1)  # (B, vocab), zero outside the kept set
         noise = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(generators) if g is None]
-        if unseeded:
+        if len(unseeded) == len(generators):
+            noise.exponential_()
+        elif unseeded:
             noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
         for row, generator in enumerate(generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)
         # exponential_ can return exactly 0; 0/0 would be NaN, which argmax picks, even for a cut token.
-        sampled = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        token_ids = torch.where(greedy, token_ids, sampled)
+        sampled = probs.div_(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        token_ids = torch.where(torch.tensor(greedy, device=logits.device), token_ids, sampled) if any(greedy) else sampled
     num_top = [p.logprobs for p in params_list]
     if all(k is None for k in num_top):
         return SampleOutput(token_ids.tolist(), [None] * len(num_top), [None] * len(num_top))
