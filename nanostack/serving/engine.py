@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from nanostack.model import PagedBatch
-from nanostack.sampling import SamplingParams, make_generator, sample, token_logprobs
+from nanostack.sampling import SamplingParams, make_generator, sample, small_tensor, token_logprobs
 from nanostack.serving.kv_cache import BlockManager, allocate_kv_pools, kv_bytes_per_block, num_blocks_for_budget
 from nanostack.serving.scheduler import Scheduler, SchedulerConfig, Sequence
 from nanostack.serving.speculative import Proposal, SpecStats, Speculator
@@ -269,8 +269,8 @@ class Engine:
         requests = [self.requests[chunk.seq.request_id] for chunk, _ in sample_rows]
         rows = [row for _, row in sample_rows]
         # The rows increase, so as many rows as logits means all of them in order (every plain decode step).
-        sampled = sample(logits if len(rows) == logits.shape[0] else logits[rows], [r.seq.params for r in requests],
-                         [r.generator for r in requests])
+        sample_logits = logits if len(rows) == logits.shape[0] else logits[small_tensor(rows, logits.device)]
+        sampled = sample(sample_logits, [r.seq.params for r in requests], [r.generator for r in requests])
         for request, token, logprob, top in zip(requests, sampled.token_ids, sampled.logprobs, sampled.top_logprobs):
             outputs.append(self._append_token(request, token, logprob, top, now))
         return outputs

@@ -40,6 +40,13 @@ class StepArrays:
     max_seqlen_q: int
     max_seqlen_k: int
 
+    @classmethod
+    def padding(cls, num_seqs: int, table_width: int) -> "StepArrays":
+        """A decode-only step of padding rows alone (what the decode CUDA graphs are captured on)."""
+        empty, zero = np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int32)
+        no_step = cls(empty, empty, empty, zero, zero, empty, np.zeros((0, 0), dtype=np.int32), empty, empty, 0, 0, 0)
+        return no_step.padded(num_seqs, table_width)
+
     @property
     def is_decode_only(self) -> bool:
         """One token per sequence, every one with logits (the steps a decode CUDA graph can replay)."""
@@ -59,13 +66,17 @@ class StepArrays:
                           self.cu_seqlens_q, self.cu_seqlens_k, self.prefill_key_slots, tables,
                           grown(self.decode_context_lens, 1), np.arange(num_seqs, dtype=np.int32), 0, 0, 0)
 
-    def to_device(self, device) -> torch.Tensor:
-        """The arrays laid end to end in one int32 tensor on `device` (pinned and non-blocking on CUDA)."""
+    def flat(self, pinned: bool = False) -> torch.Tensor:
+        """The arrays laid end to end in one int32 host tensor (the layout `unpack` reads). Pinned memory comes
+        from torch's caching host allocator, which holds a buffer back until a non-blocking copy from it ran."""
         flat = torch.from_numpy(np.concatenate([getattr(self, name).ravel() for name in ARRAY_FIELDS]))
+        return flat.pin_memory() if pinned else flat
+
+    def to_device(self, device) -> torch.Tensor:
+        """`flat` on `device`: a pinned, non-blocking copy on CUDA, no copy at all on the CPU."""
         if torch.device(device).type != "cuda":
-            return flat.to(device)
-        # Pinned through torch's caching host allocator, which keeps the buffer until the copy has run.
-        return flat.pin_memory().to(device, non_blocking=True)
+            return self.flat().to(device)
+        return self.flat(pinned=True).to(device, non_blocking=True)
 
     def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, PagedBatch]:
         """Views of a to_device buffer (or a graph's static copy of one): (token_ids, PagedBatch)."""
