@@ -47,6 +47,12 @@ def test_bucket_sizes():
     assert bucket_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
+def test_cuda_graphs_on_the_cpu_are_ignored_with_a_notice(model):
+    with pytest.warns(UserWarning, match="cuda_graphs is ignored on cpu"):
+        engine = Engine(model, None, EngineConfig(cuda_graphs=True))
+    assert engine.graphs is None
+
+
 class EagerReplay:
     """Stands in for a captured CUDA graph off-GPU: replay() runs the forward on the bucket's static input buffer
     and writes the bucket's static logits, which is all a graph replay does."""
