@@ -6,6 +6,7 @@ forward eagerly on the same buffers, gives the plain engine's tokens; and every 
 a decode step is recorded. On a GPU (`pytest -m cuda`, run by bench/gpu.sh): real graphs against eager
 decoding, and torch's sync debug mode counting the synchronisations of one step.
 """
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_a_decode_step_reads_back_only_the_sampled_tokens(model, tokenizer):
 @pytest.mark.cuda
 @on_gpu
 def test_cuda_graph_decoding_equals_eager_decoding(model, tokenizer):
-    model = model.to("cuda", torch.bfloat16)
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
     prompts, params = requests(tokenizer.vocab_size, count=12)
     config = dict(block_size=16, max_num_seqs=12, max_num_batched_tokens=256)
     eager = Engine(model, tokenizer, EngineConfig(**config)).generate(prompts, params)
@@ -153,7 +154,6 @@ def test_cuda_graph_decoding_equals_eager_decoding(model, tokenizer):
     replay = engine.graphs.replay
     engine.graphs.replay = lambda arrays: replays.append(len(arrays.token_ids)) or replay(arrays)
     graphed = engine.generate(prompts, params)
-    model.to("cpu", torch.float32)
     assert len(replays) > 10
     for got, want in zip(graphed, eager):
         # Greedy and seeded rows must agree token for token; the bf16 logits may differ in rounding only.
@@ -165,8 +165,8 @@ def test_cuda_graph_decoding_equals_eager_decoding(model, tokenizer):
 @on_gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_a_gpu_decode_step_synchronizes_once(model, tokenizer, cuda_graphs):
-    model = model.to("cuda", torch.bfloat16)
-    engine = Engine(model, tokenizer, EngineConfig(block_size=16, cuda_graphs=cuda_graphs))
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=16, max_num_seqs=8, cuda_graphs=cuda_graphs))
     prompts, params = requests(tokenizer.vocab_size, count=4, all_seeded=False)
     for i, (prompt, request_params) in enumerate(zip(prompts, params)):
         request_params.logprobs = None
@@ -180,7 +180,6 @@ def test_a_gpu_decode_step_synchronizes_once(model, tokenizer, cuda_graphs):
             outputs = engine.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    model.to("cpu", torch.float32)
     assert len(outputs) == 4
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) == 1, syncs  # sampling's read of the tokens
