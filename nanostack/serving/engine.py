@@ -437,7 +437,7 @@ class Engine:
             if params.stop:
                 text, stop_string_found = self._hold_back_stop_strings(request, text)
                 finish_reason = "stop" if stop_string_found else None
-        if finish_reason is None and (len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens
+        if finish_reason is None and (seq.num_output_tokens >= params.max_tokens
                                       or len(seq.token_ids) >= self.max_model_len):
             finish_reason = "length"
         if finish_reason is not None:
@@ -484,11 +484,12 @@ class Engine:
         prompt_logprobs = None
         if request.prompt_logprobs is not None and not request.prompt_logprobs_sent and token_ids:
             prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
-        return RequestOutput(  # positional: built for every request at every step
-            seq.request_id, token_ids, text, finish_reason is not None, finish_reason, error, logprobs, top_logprobs,
-            prompt_logprobs, seq.num_prompt_tokens, len(seq.token_ids) - seq.num_prompt_tokens,
-            seq.num_cached_prompt_tokens or 0, request.arrival_time, request.first_token_time,
-            [token_time] if token_time is not None else [])
+        return RequestOutput(
+            seq.request_id, token_ids, text, finished=finish_reason is not None, finish_reason=finish_reason,
+            error=error, logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+            prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
+            cached_prompt_tokens=seq.num_cached_prompt_tokens or 0, arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time, token_times=[token_time] if token_time is not None else [])
 
     # ------------------------------------------------------------------------------------------------------
     # Offline use
