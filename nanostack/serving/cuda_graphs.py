@@ -31,7 +31,10 @@ Why a replay computes what the eager forward computes:
 - Outputs are consumed before they are overwritten: a bucket's logits live in graph memory that the next
   replay overwrites, and the engine samples from them (reading the tokens back) within the same step.
 
-bench/run_gpu.py checks on a GPU that decoding with graphs gives the same tokens as decoding without.
+On a GPU, tests/test_cuda_graphs.py (run by bench/gpu.sh) checks that decoding with graphs gives the tokens of
+decoding without, and that a decode step synchronises with the host once, to read the sampled tokens. Cost to
+know: the padded block tables are as wide as max_model_len allows, so a long max_model_len makes each step copy
+a wider table to the device.
 """
 import functools
 
