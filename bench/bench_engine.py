@@ -423,7 +423,7 @@ def offline(config: BenchConfig, model: GPT, engine: Engine, hf_model, engine_co
     rows = [{"system": "nanostack engine", "requests": config.num_requests, "output tokens": total_output,
              "seconds": engine_wall, "tokens/s": total_output / engine_wall, "CPU seconds": engine_cpu,
              "tokens/CPU-s": total_output / engine_cpu}]
-    results = {"config": dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
+    results = {"config": dataclasses.asdict(config), "model": dataclasses.asdict(model.config),
                "num_params": model.num_params(), "torch_threads": torch.get_num_threads(),
                "output_tokens": total_output, "prompt_tokens": sum(len(p) for p in prompts),
                "engine": {"seconds": engine_wall, "cpu_seconds": engine_cpu, "tokens_per_s": total_output / engine_wall,

@@ -156,8 +156,9 @@ def sample(logits: torch.Tensor, params_list: list[SamplingParams],
                          f"per row; got {len(params_list)} params and {len(generators)} generators")
     # Decided from the params on the host: asking the device (greedy.all()) would wait for it.
     greedy = [p.greedy for p in params_list]
-    token_ids = logits.argmax(dim=-1)  # (B,)
-    if not all(greedy):
+    if all(greedy):
+        token_ids = logits.argmax(dim=-1)  # (B,)
+    else:
         probs = filtered_logits(logits, params_list).softmax(dim=-1)  # (B, vocab), zero outside the kept set
         noise = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(generators) if g is None]
@@ -171,7 +172,8 @@ def sample(logits: torch.Tensor, params_list: list[SamplingParams],
                 noise[row].exponential_(generator=generator)
         # exponential_ can return exactly 0; 0/0 would be NaN, which argmax picks, even for a cut token.
         sampled = probs.div_(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        token_ids = torch.where(small_tensor(greedy, logits.device), token_ids, sampled) if any(greedy) else sampled
+        token_ids = (torch.where(small_tensor(greedy, logits.device), logits.argmax(dim=-1), sampled) if any(greedy)
+                     else sampled)
     num_top = [p.logprobs for p in params_list]
     if all(k is None for k in num_top):
         return SampleOutput(token_ids.tolist(), [None] * len(num_top), [None] * len(num_top))

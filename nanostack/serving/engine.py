@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nanostack.model import PagedBatch
 from nanostack.sampling import SamplingParams, make_generator, sample, small_tensor, token_logprobs
 from nanostack.serving.kv_cache import BlockManager, allocate_kv_pools, kv_bytes_per_block, num_blocks_for_budget
 from nanostack.serving.scheduler import Scheduler, SchedulerConfig, Sequence
