@@ -344,6 +344,8 @@ def online(config: BenchConfig, engine: Engine, hf_model) -> None:
     engine_records = max(engine_runs, key=lambda records: online_metrics(records)["output_tokens_per_s"])
     results = {"config": dataclasses.asdict(config), "model": dataclasses.asdict(engine.model.config),
                "torch_threads": torch.get_num_threads(), "output_tokens": sum(output_lens),
+               "clock": "wall time" if config.device.startswith("cuda") else
+                        "process CPU time plus the skipped idle gaps (ServingClock): the machine may be shared",
                "prompt_tokens": sum(len(p) for p in prompts), "engine": online_metrics(engine_records),
                "engine_runs_output_tokens_per_s": [online_metrics(r)["output_tokens_per_s"] for r in engine_runs]}
     rows = [{"system": "nanostack engine", **results["engine"]}]

@@ -147,7 +147,9 @@ def main() -> None:
     rows = [measure(config, int(batch), mode) for mode in config.modes.split(",") for batch in config.batches.split(",")]
     print_table(rows, title=f"Engine.step() host time outside the forward, ms (vocab {config.vocab_size}, "
                             f"{config.device}); host_ms = step CPU time - sample_ms, judged against the target")
-    write_result("overhead", {"config": dataclasses.asdict(config), "rows": rows}, config.device)
+    write_result("overhead", {"config": dataclasses.asdict(config), "rows": rows,
+                              "note": "times are this thread's CPU time (the machine may be shared with other work; "
+                                      "wall_median_ms shows how much it stretched wall time)"}, config.device)
 
 
 if __name__ == "__main__":
