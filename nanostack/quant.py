@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from kernels.int8_matmul import (int8_matmul, int8_matmul_reference, int8_weight_only_matmul,
                                  int8_weight_only_matmul_reference, quantize_per_row)
@@ -126,43 +127,49 @@ def w8a8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor)
 LINEAR_FUNCTIONS = {"int8-wo": weight_only_linear, "w8a8": w8a8_linear}
 
 
-def _register_int8_weight(module: nn.Module, in_features: int, out_features: int) -> None:
+def _register_int8_weight(module: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
     module.in_features, module.out_features = in_features, out_features
     module.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
     module.register_buffer("weight_scale", torch.zeros(out_features))
+    module.register_buffer("bias", torch.zeros(out_features) if bias else None)  # kept in the activation dtype
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """W8A16 stand-in for a bias-free nn.Linear: int8 (out, in) weight, one fp scale per output channel."""
+    """W8A16 stand-in for an nn.Linear: int8 (out, in) weight, one fp scale per output channel, optional fp bias."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        _register_int8_weight(self, in_features, out_features)
+        _register_int8_weight(self, in_features, out_features, bias)
 
     def forward(self, x):
-        return weight_only_linear(x, self.weight_int8, self.weight_scale)
+        return _add_bias(weight_only_linear(x, self.weight_int8, self.weight_scale), self.bias)
 
 
 class W8A8Linear(nn.Module):
-    """W8A8 stand-in for a bias-free nn.Linear: the same stored weight, activations quantized per token."""
+    """W8A8 stand-in for an nn.Linear: the same stored weight, activations quantized per token."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        _register_int8_weight(self, in_features, out_features)
+        _register_int8_weight(self, in_features, out_features, bias)
 
     def forward(self, x):
-        return w8a8_linear(x, self.weight_int8, self.weight_scale)
+        return _add_bias(w8a8_linear(x, self.weight_int8, self.weight_scale), self.bias)
 
 
 LINEAR_CLASSES = {"int8-wo": Int8WeightOnlyLinear, "w8a8": W8A8Linear}
 
 
 def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
-    """An Int8WeightOnlyLinear ("int8-wo") or W8A8Linear ("w8a8") holding linear's weight in int8."""
-    if linear.bias is not None:
-        raise ValueError(f"{linear} has a bias; nanostack's int8 linears (like its model) have none")
-    module = LINEAR_CLASSES[mode](linear.in_features, linear.out_features).to(linear.weight.device)
+    """An Int8WeightOnlyLinear ("int8-wo") or W8A8Linear ("w8a8") holding linear's weight in int8 (its bias as is)."""
+    module = LINEAR_CLASSES[mode](linear.in_features, linear.out_features, linear.bias is not None)
+    module = module.to(linear.weight.device)
     module.weight_int8, module.weight_scale = quantize_weight(linear.weight)
+    if linear.bias is not None:
+        module.bias = linear.bias.detach().clone()
     return module
 
 
@@ -322,6 +329,8 @@ def smooth_model(model: GPT, calibration_batches, alpha: float) -> dict[str, tor
         wo_weight = _input_absmax([attn.wo.weight]).view(kv_shape).amax(1)
         s = smoothing_scales(wo_act, wo_weight, alpha)  # (n_kv_head, head_dim)
         attn.wv.weight.div_(s.reshape(-1, 1).to(attn.wv.weight.dtype))
+        if attn.wv.bias is not None:  # (Qwen2) v's bias is part of v's output channels
+            attn.wv.bias.div_(s.reshape(-1).to(attn.wv.bias.dtype))
         attn.wo.weight.mul_(s[:, None, :].expand(kv_shape).reshape(-1).to(attn.wo.weight.dtype))
         if isinstance(mlp, MLP):
             s = smoothing_scales(act[f"{prefix}.mlp.w_down"], _input_absmax([mlp.w_down.weight]), alpha)  # (hidden,)
@@ -431,13 +440,13 @@ def load_quantized(path, device="cpu") -> dict:
             "tokenizer": Tokenizer.load(directory / raw.get("tokenizer", "tokenizer.json"))}
 
 
-def load_for_serving(path, device="cpu") -> dict:
-    """Load a plain or a quantized checkpoint for inference; same keys as `load_quantized`."""
+def load_for_serving(path, device="cpu", dtype: torch.dtype | None = None) -> dict:
+    """Load a plain or a quantized checkpoint (or a Hugging Face model directory) for inference, plain weights in
+    `dtype`; same keys as `load_quantized`."""
     _, raw = checkpoint.read_config(path)
     if raw.get("quantization"):
         return load_quantized(path, device)
-    loaded = checkpoint.load_checkpoint(path, device)
-    return {key: loaded[key] for key in ("model", "config", "raw_config", "directory", "tokenizer")}
+    return checkpoint.load_checkpoint(path, device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,8 +488,9 @@ def copy_model(model: GPT) -> GPT:
 def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: int = 16, batch_size: int = 8,
                    seq_len: int = 0, calibration_batches: int = 8, smooth_alpha: float = 0.5,
                    skip=DEFAULT_SKIP) -> dict:
-    """Full precision vs W8A16 vs W8A8 vs W8A8 + SmoothQuant on the val split of data_dir: bits per byte,
-    perplexity, top-1 agreement with full precision, weight bytes and their ratio to bf16 bytes."""
+    """Full precision vs W8A16 vs W8A8 vs W8A8 + SmoothQuant on the val split of data_dir: bits per byte (and how
+    much higher than full precision's, in percent), perplexity, top-1 agreement with full precision, weight bytes
+    and their ratio to bf16 bytes."""
     device = model.tok_emb.weight.device
     seq_len = seq_len or model.config.max_seq_len
     val = list(data.eval_batches(data.TokenShards(data_dir, "val", tokenizer), batch_size, seq_len, eval_batches))
@@ -494,7 +504,8 @@ def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: 
     rows, reference_top1 = [], None
     for name, settings in variants.items():
         variant = model if settings is None else quantize_model(copy_model(model), skip=skip, **settings)
-        metrics = evaluate(variant.eval(), val, token_bytes, reference_top1)
+        progress = tqdm(val, desc=f"quality report: {name}", unit="batch", leave=False)  # minutes on a CPU
+        metrics = evaluate(variant.eval(), progress, token_bytes, reference_top1)
         if reference_top1 is None:
             reference_top1 = metrics["top1"]
         variant_bytes = weight_bytes(variant)
@@ -503,7 +514,7 @@ def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: 
                      "weight_bytes": variant_bytes, "vs_bf16_bytes": variant_bytes / bf16_bytes})
     full = rows[0]["bpb"]
     for row in rows:
-        row["bpb_increase"] = row["bpb"] / full - 1
+        row["bpb_increase_percent"] = 100 * (row["bpb"] / full - 1)
     return {"data_dir": str(data_dir), "eval_tokens": sum(x.numel() for x, _ in val), "seq_len": seq_len,
             "calibration_batches": calibration_batches, "skip": list(skip), "bf16_weight_bytes": bf16_bytes,
             "rows": rows}

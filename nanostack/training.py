@@ -186,8 +186,18 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
+            lines, kept = self.path.read_text().splitlines(), []
+            for number, line in enumerate(lines, start=1):
+                try:
+                    if line and json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError as error:
+                    if number < len(lines):
+                        raise ValueError(f"{self.path}:{number}: not valid JSON ({error.msg}); the log is damaged "
+                                         f"before its last line: delete or repair that line") from None
+                    # A kill in the middle of a write leaves the last line half written: drop it, and say so.
+                    tqdm.write(f"{self.path}: dropped its torn last line ({len(line)} characters), left by an "
+                               f"interrupted write")
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -223,19 +233,22 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
     step_model = distributed.parallelize(model, parallel, rank, compile=config.compile,
                                          param_dtype=compute_dtype(config.dtype, device))
     optimizer = make_optimizer(model, config, peak_lr)  # after sharding: FSDP2 turns parameters into DTensors
-    start_step = 0
+    start_step, last_good = 0, None  # the newest checkpoint of this run: what a divergence leaves to go back to
     if config.resume:
         trainer_state = resume_state(run_dir, model, optimizer)
-        start_step = trainer_state["step"]
+        start_step, last_good = trainer_state["step"], trainer_state["directory"]
         batches.load_state_dict(trainer_state["loader"])
         checkpoint.set_rng_state(trainer_state["rng"])
         if rank.is_main:
             tqdm.write(f"resumed from {trainer_state['directory']} at step {start_step}")
+    if rank.is_main and (freed := checkpoint.remove_unfinished_writes(run_dir)):
+        tqdm.write(f"removed {freed / 1e6:.1f} MB of unfinished checkpoint writes from {run_dir} (a killed run's)")
     log = MetricsLog(run_dir, start_step if config.resume else None) if rank.is_main else None
     autocast = autocast_context(config.dtype, device)
     eval_metrics: dict = {}
 
     def save(step: int) -> None:
+        nonlocal last_good
         sharded = parallel.sharded_checkpoint
         # Gathering is a collective under FSDP: every rank takes part, rank 0 writes.
         weights = None if sharded else distributed.full_model_state(model)
@@ -252,6 +265,7 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
                                            trainer_state=trainer_state, extra_config=extra_config,
                                            extra_files={"shards": shards} if sharded else None)
         distributed.barrier()
+        last_good = run_dir / f"step_{step:06d}"
 
     model.train()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="train",
@@ -290,9 +304,9 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
         # overwrites a good checkpoint: the check comes before any save.
         step_loss = float(distributed.all_reduce_sum(step_loss)) / rank.world_size
         if not math.isfinite(step_loss):
-            raise TrainingDiverged(
-                f"loss became {step_loss} at step {done}; the last good checkpoint is kept in {run_dir} "
-                "(try a lower --lr, a longer --warmup-steps, or --grad-clip 1.0)")
+            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved before it"
+            raise TrainingDiverged(f"loss became {step_loss} at step {done}; {kept} (try a lower --lr, a longer "
+                                   f"--warmup-steps, or --grad-clip 1.0)")
         if logging and rank.is_main:
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
