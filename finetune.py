@@ -38,7 +38,7 @@ import torch
 
 from nanostack import chat_data, checkpoint, distributed, lora, objectives
 from nanostack.atomic import write_json
-from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
+from nanostack.cli import SettingsError, add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.distributed import ParallelConfig
 from nanostack.model import default_learning_rate
 from nanostack.training import TrainConfig, autocast_context, resolve_device, train
@@ -177,6 +177,19 @@ def load_teacher(path: str, student_tokenizer, device, student_tokenizer_path="t
     return loaded["model"]
 
 
+def stop_at_end_of_turn(tokenizer, init_path, say) -> None:
+    """Make the chat template's end-of-turn token a stop id when it is not one, before any chat is rendered.
+
+    A base model's template may end replies with a token its stop ids lack (Qwen2.5 base: ChatML's <|im_end|>,
+    eos <|endoftext|>). Fine-tuned on that template, the model ends its replies with it, so generation must stop
+    there: the stop ids travel with the checkpoint (generation_config.json) to serve.py and export_hf."""
+    end = tokenizer.end_of_turn_id()
+    if end is not None and end not in tokenizer.stop_ids:
+        tokenizer.stop_ids.add(end)
+        say(f"the chat template ends each reply with {tokenizer.decode([end])!r} (id {end}), which is not a stop "
+            f"token of {init_path}: added to the stop ids saved with the fine-tuned model")
+
+
 def prepare_model(model, config: FinetuneConfig) -> int:
     """Put LoRA adapters on the model (lora_rank > 0) or leave it fully trainable; returns trainable params."""
     if config.lora_rank:
@@ -290,15 +303,19 @@ def main(argv=None) -> int:
     train_config = dataclass_from_args(TrainConfig, args)
     parallel = dataclass_from_args(ParallelConfig, args)
     check_arguments(config)
+    if parallel.tp > 1 or parallel.pp > 1:  # its objectives read whole logits, its evaluation generates
+        raise SettingsError(f"finetune.py runs data-parallel only (--strategy ddp|fsdp), not --tp {parallel.tp} "
+                            f"--pp {parallel.pp}: tensor and pipeline parallelism are for train.py")
     datasets = load_datasets(config)  # every line of a --data file is checked before any model loads
     out_dir = Path(train_config.out_dir or f"out/{config.mode}")
-    rank = distributed.setup(resolve_device(train_config.device))
+    rank = distributed.setup(resolve_device(train_config.device), parallel)
     say = print if rank.is_main else (lambda *a, **k: None)
     device = rank.device
     torch.manual_seed(train_config.seed)
 
     init = checkpoint.load_checkpoint(config.init, device)
     model, tokenizer, model_config = init["model"], init["tokenizer"], init["config"]
+    stop_at_end_of_turn(tokenizer, init["directory"], say)
     teacher = (load_teacher(config.teacher, tokenizer, device, init["directory"] / "tokenizer.json")
                if config.mode == "distill" else None)
     seq_len = config.seq_len or model_config.max_seq_len
@@ -388,6 +405,7 @@ def train_baseline(config, train_config, parallel, rank, examples, seq_len, eval
     """Distillation's control: the same student, data, steps and LoRA, trained with plain SFT; its held-out loss."""
     student = checkpoint.load_checkpoint(config.init, rank.device)
     model, tokenizer = student["model"], student["tokenizer"]
+    stop_at_end_of_turn(tokenizer, config.init, lambda *args: None)  # main() said so already
     prepare_model(model, config)
     batches = sft_batches(config, tokenizer, examples, seq_len, train_config, rank)
     train(model, objectives.sft, batches, replace(train_config, out_dir=str(out_dir / "baseline")),

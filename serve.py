@@ -7,7 +7,10 @@
 
 --model and --draft take a nanostack checkpoint or run directory, or a Hugging Face model directory (config.json
 and *.safetensors, sharded or not) of the llama (Llama 3.x, SmolLM), mistral, qwen2 (Qwen2.5), qwen3, mixtral
-or qwen3_moe families, with its tokenizer.json beside the weights.
+or qwen3_moe families, with its tokenizer.json beside the weights. Tokenizers: byte-level BPE (Llama 3, Qwen2/2.5/3,
+SmolLM, GPT-2 style); SentencePiece-style ones (Llama 2, Mistral v0.1) are refused. The directory's chat template
+(tokenizer_config.json or chat_template.jinja) renders /v1/chat/completions, and generation_config.json's
+eos_token_id says where generation stops. Pickled .bin weights and pre-quantized checkpoints are refused.
 
 Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")`. SIGTERM or Ctrl-C stops
 accepting requests, lets those in flight finish for up to --shutdown-timeout seconds, aborts the rest and exits 0,

@@ -6,6 +6,7 @@
     python train.py --resume true                     # continue out/pretrain exactly where it stopped
     python train.py --source my_texts/ --tokenizer out/mine/tokenizer.json --out-dir out/mine
     torchrun --standalone --nproc_per_node=8 train.py --strategy fsdp --depth 12 ...   # a GPU node (README)
+    torchrun --standalone --nproc_per_node=8 train.py --strategy fsdp --tp 2 --pp 2 --grad-accum 8 ...  # 3-D mesh
 
 With no flags it trains a tokenizer (or reuses out/tokenizer.json), tokenizes the corpus into out/data/,
 trains for a few minutes on CPU (or much bigger on a GPU, see README), checkpoints to out/pretrain/ and
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     config = dataclass_from_args(PretrainConfig, args)
     train_config = dataclass_from_args(TrainConfig, args)
     parallel = dataclass_from_args(ParallelConfig, args)
-    rank = distributed.setup(resolve_device(train_config.device))
+    rank = distributed.setup(resolve_device(train_config.device), parallel)
     say = print if rank.is_main else (lambda *a, **k: None)
     device = rank.device
     torch.manual_seed(train_config.seed)
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         included) fails here, before step 1, not when training is over."""
         try:
             return data.BatchLoader(shards, train_config.batch_size, config.seq_len, seed=train_config.seed,
-                                    rank=rank.rank, world_size=rank.world_size, shuffle=shuffle)
+                                    rank=rank.dp_rank, world_size=rank.size("dp"), shuffle=shuffle)
         except ValueError as error:
             raise ValueError(f"the {split} split of {data_dir} ({shards.num_documents:,} documents) is too small: "
                              f"{error}; documents are split whole (--val-fraction {config.val_fraction}), so a "
@@ -148,30 +149,37 @@ def main(argv=None) -> int:
         train_config.lr = default_learning_rate(model_config)
     say(f"model: {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} non-embedding), "
         f"{model_config.n_layer} layers x {model_config.n_embd} wide; lr {train_config.lr:.2e}; "
-        f"device {device} x {rank.world_size} ({parallel.strategy})")
+        f"device {device} x {rank.world_size} (dp {rank.size('dp')} {parallel.strategy}, tp {parallel.tp}, "
+        f"pp {parallel.pp})")
+    model_parallel = parallel.tp > 1 or parallel.pp > 1
+    if model_parallel:
+        say("samples are off under --tp/--pp (no rank holds the whole model): serve the checkpoint instead")
 
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
 
     def evaluate(model):
-        batches = data.eval_batches(val_shards, train_config.batch_size, config.seq_len, config.eval_batches,
-                                    rank=rank.rank, world_size=rank.world_size)
+        # A pipeline evaluates a step's worth of micro-batches at a time.
+        batch_size = train_config.batch_size * (train_config.grad_accum if parallel.pp > 1 else 1)
+        batches = data.eval_batches(val_shards, batch_size, config.seq_len, config.eval_batches,
+                                    rank=rank.dp_rank, world_size=rank.size("dp"))
         return bits_per_byte(model, batches, token_bytes)
 
     def sample(model):
-        prompt = torch.tensor([[tokenizer.bos_id] + tokenizer.encode("def ")], device=device)
+        prompt = torch.tensor([tokenizer.bos_prefix + tokenizer.encode("def ")], device=device)
         generator = torch.Generator(device=device).manual_seed(train_config.seed)
         new_tokens = min(config.sample_tokens, model_config.max_seq_len - prompt.shape[1])
         out = model.generate(prompt, new_tokens, temperature=0.8, top_k=50, generator=generator)
-        return tokenizer.decode(out[0, 1:].tolist())
+        return tokenizer.decode(out[0, len(tokenizer.bos_prefix):].tolist())
 
     start = time.time()
     metrics = train(model, objectives.next_token, loader, train_config, model_config=model_config,
-                    tokenizer=tokenizer, evaluate=evaluate, sample=sample, parallel=parallel, rank=rank)
-    text = sample(model)
+                    tokenizer=tokenizer, evaluate=evaluate, sample=None if model_parallel else sample,
+                    parallel=parallel, rank=rank)
     say(f"done in {time.time() - start:.0f}s: val loss {metrics.get('loss', float('nan')):.4f}, "
         f"val bits/byte {metrics.get('bpb', float('nan')):.4f}; checkpoint in "
         f"{checkpoint.resolve_checkpoint(train_config.out_dir)}")
-    say("sample:", repr(text))
+    if not model_parallel:
+        say("sample:", repr(sample(model)))
     distributed.teardown()
     return 0
 

@@ -4,7 +4,8 @@ A checkpoint directory is self-contained:
 
     config.json            {"format", "version", "model": ModelConfig fields, "tokenizer": "tokenizer.json", ...}
     model.safetensors      the weights (tied tensors stored once)
-    tokenizer.json         the tokenizer the model was trained with
+    tokenizer.json         the tokenizer the model was trained with (one of Hugging Face's brings its
+                           tokenizer_config.json and generation_config.json: chat template and stop ids)
     trainer_state.json     (training only) step, data-loader position, RNG states, metrics
     optimizer.safetensors  (training only) optimizer moments; param groups in the safetensors metadata
     manifest.json          size and sha256 of every file above, written last
@@ -32,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from nanostack import hf_tokenizer
 from nanostack.atomic import atomic_dir, fsync_dir, write_json
 from nanostack.model import GPT, ModelConfig
 from nanostack.tokenizer import Tokenizer
@@ -133,12 +135,16 @@ def write_manifest(directory: Path) -> None:
 
 def verify_manifest(directory: Path, names=None) -> None:
     """Raise CheckpointError if any file listed in the manifest (or those of `names` it lists) is missing,
-    truncated or altered."""
+    truncated or altered, or a file of `names` is present but not listed."""
     path = directory / MANIFEST
     if not path.exists():
         raise CheckpointError(f"{directory} has no {MANIFEST}: not a complete nanostack checkpoint")
-    manifest = read_json(path)
-    for name, entry in manifest.get("files", {}).items():
+    listed = read_json(path).get("files", {})
+    unlisted = sorted(name for name in names or () if name not in listed and (directory / name).exists())
+    if unlisted:
+        raise CheckpointError(f"{directory / unlisted[0]} is not listed in {MANIFEST}, so it was added after the "
+                              f"checkpoint was saved: remove it, or save the checkpoint again")
+    for name, entry in listed.items():
         if names is not None and name not in names:
             continue
         file = directory / name
@@ -287,7 +293,8 @@ def load_checkpoint(path, device="cpu", *, dtype: torch.dtype | None = None, ver
         model = hf.import_hf(directory, device, dtype or torch.float32)
     else:
         if verify:
-            verify_manifest(directory, {"config.json", "model.safetensors", tokenizer_path.name})
+            verify_manifest(directory, {"config.json", "model.safetensors", tokenizer_path.name,
+                                        *hf_tokenizer.CONFIG_FILES})
         if raw.get("quantization"):
             quantization = raw["quantization"]
             raise CheckpointError(f"{directory} holds an int8-quantized model (mode {quantization.get('mode')}): serve "
@@ -321,10 +328,7 @@ def weights_sha256(path) -> str:
 def require_same_tokenizer(tokenizer: Tokenizer, tokenizer_path, other: Tokenizer, other_path, role: str) -> None:
     """Refuse a `role` model (a draft, a teacher) whose tokenizer `other` (from `other_path`) is not `tokenizer`
     (from `tokenizer_path`) token for token; the error names both files and what differs."""
-    differences = [what for what, a, b in (("vocabulary size", tokenizer.vocab_size, other.vocab_size),
-                                           ("merges", tokenizer.mergeable_ranks, other.mergeable_ranks),
-                                           ("special tokens", tokenizer.special_tokens, other.special_tokens),
-                                           ("split pattern", tokenizer.pattern, other.pattern)) if a != b]
+    differences = tokenizer.differences(other)
     if differences:
         raise CheckpointError(
             f"the {role} uses a different tokenizer: {other_path} differs from {tokenizer_path} in its "

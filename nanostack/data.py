@@ -7,7 +7,8 @@ Three stages, each a handful of functions:
    directory of downloaded web-corpus shards (jsonl or parquet). `download_shards` fetches such shards over
    HTTP with retries, resume of partial files and checksum verification.
 2. Shards. `prepare_tokens` tokenizes every document once (each prefixed with <|bos|> so the model sees
-   where a document starts), assigns it to train or val by a hash of its name, and writes each split's
+   where a document starts; a tokenizer without a bos token, like Qwen's, ends each with its eos token instead,
+   as those models were pretrained), assigns it to train or val by a hash of its name, and writes each split's
    token stream as raw uint16/uint32 `.bin` files plus an `index.json`. `TokenShards` memory-maps a split
    back as one long array, so a corpus larger than RAM costs only page cache.
 3. Loader. `BatchLoader` cuts the stream into windows of T+1 tokens and serves them in a seeded random
@@ -490,7 +491,8 @@ def prepare_tokens(documents: str | Iterable[Document], tokenizer, out_dir,
         token_lists = tokenizer.encode_batch([doc.text for doc in batch], num_threads=threads)
         for doc, ids in zip(batch, token_lists):
             split = "val" if is_validation(doc.name, val_fraction) else "train"
-            writers[split].add(doc.text, [tokenizer.bos_id] + ids)
+            framed = [tokenizer.bos_id, *ids] if tokenizer.bos_id is not None else [*ids, tokenizer.eos_id]
+            writers[split].add(doc.text, framed)
     splits = {split: writer.finish() for split, writer in writers.items()}
     if not any(info["utf8_bytes"] for info in splits.values()):
         _remove_previous_shards(out_dir)

@@ -23,7 +23,8 @@ the model plus one tensor. Every name, shape and dtype is checked before the fir
 Pickled `.bin` / `.pt` weights are never opened.
 
 `export_hf` writes any nanostack checkpoint in the layout its fields call for (a Qwen3 config is exported as
-qwen3, a sliding window as mistral, ...), and `export_peft_adapter` a LoRA adapter in PEFT's layout.
+qwen3, a sliding window as mistral, ...) with its tokenizer's Hugging Face files, and `export_peft_adapter` a LoRA
+adapter in PEFT's layout.
 """
 import json
 from pathlib import Path
@@ -334,8 +335,9 @@ def import_hf(directory, device="cpu", dtype: torch.dtype = torch.float32) -> GP
 # Export
 
 def export_hf(path, out_dir) -> Path:
-    """Write a checkpoint as a Hugging Face model directory (config.json + model.safetensors) in the family its
-    config calls for, which `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads."""
+    """Write a checkpoint as a Hugging Face model directory in the family its config calls for: config.json,
+    model.safetensors and the tokenizer's files (tokenizer.json, tokenizer_config.json with the chat template,
+    generation_config.json with the stop ids), which transformers' AutoModelForCausalLM and AutoTokenizer load."""
     loaded = load_checkpoint(path)
     config = loaded["config"]
     model_type = hf_model_type(config)
@@ -349,6 +351,7 @@ def export_hf(path, out_dir) -> Path:
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
         save_file(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
+        loaded["tokenizer"].save_hf(tmp)
     return Path(out_dir)
 
 

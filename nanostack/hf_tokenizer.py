@@ -29,6 +29,9 @@ import regex
 from nanostack.atomic import atomic_file
 from nanostack.chat_template import compile_chat_template
 
+# What Tokenizer.load reads beside a Hugging Face tokenizer.json (each optional).
+CONFIG_FILES = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
 # The split of GPT-2's ByteLevel pre-tokenizer with use_regex (its documented pattern).
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Digits(individual_digits) then that split on each stretch between digits (SmolLM, StarCoder), as one regex:
@@ -291,12 +294,15 @@ def write_hf_files(tokenizer, tokenizer_json) -> None:
                         "clean_up_tokenization_spaces": False, **tokenizer.special_tokens_map}
     if tokenizer.chat_template is not None:
         tokenizer_config["chat_template"] = tokenizer.chat_template
-    stops = [tokenizer.eos_id, *sorted(tokenizer.stop_ids - {tokenizer.eos_id})]
-    generated = {"eos_token_id": stops if len(stops) > 1 else stops[0]}
+    generation_config = dict(read_with.get("generation_config", {}))
     if tokenizer.bos_id is not None:
-        generated["bos_token_id"] = tokenizer.bos_id
-    # The ids read with a tokenizer mean the same as ours; keep them as written (list order, extra fields).
-    generation_config = {**generated, **read_with.get("generation_config", {})}
+        generation_config.setdefault("bos_token_id", tokenizer.bos_id)
+    # Stop ids read with the tokenizer stay as written (list order); ones changed since (finetune.py adds the chat
+    # template's end of turn) are written anew, eos first.
+    written = generation_config.get("eos_token_id")
+    if set(written if isinstance(written, list) else [written]) != tokenizer.stop_ids:
+        stops = sorted(tokenizer.stop_ids, key=lambda token_id: (token_id != tokenizer.eos_id, token_id))
+        generation_config["eos_token_id"] = stops if len(stops) > 1 else stops[0]
     for file, content in ((tokenizer_json, hf_tokenizer_json(tokenizer)),
                           (tokenizer_json.parent / "tokenizer_config.json", tokenizer_config),
                           (tokenizer_json.parent / "generation_config.json", generation_config)):

@@ -371,6 +371,20 @@ class Tokenizer:
             ("split pattern", self.pattern, other.pattern),
             ("normalizer", self.normalizer, other.normalizer)) if mine != theirs]
 
+    @property
+    def bos_prefix(self) -> list[int]:
+        """What goes before a text read on its own: [bos_id], or [] for a tokenizer without one (Qwen's), as Hugging
+        Face's tokenizer(text) does."""
+        return [] if self.bos_id is None else [self.bos_id]
+
+    def end_of_turn_id(self) -> int | None:
+        """The control token that ends an assistant reply in the chat template (nanostack's <|end|>, ChatML's
+        <|im_end|>, Llama 3's <|eot_id|>): the first one in render_chat's mask of a one-turn chat; None when the
+        template ends replies in plain text."""
+        ids, mask = self.render_chat([{"role": "user", "content": "?"}, {"role": "assistant", "content": "."}])
+        controls = {self.special_tokens[token] for token in self.special_tokens.keys() - self.text_tokens}
+        return next((token for token, learned in zip(ids, mask) if learned and token in controls), None)
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of ordinary text: special-token strings in it are encoded as text, unless allow_special (for
         tools that find a special token's id by encoding its text, as lm-eval does through /tokenize). A Hugging

@@ -265,6 +265,8 @@ def test_a_long_context_gets_the_kv_pool_that_fits_in_memory(qwen2_dir, monkeypa
 def test_serve_help_names_every_supported_family():
     import serve
     assert all(family in serve.__doc__ for family in hf.SUPPORTED)
+    assert "Tokenizers: byte-level BPE" in serve.__doc__ and "SentencePiece-style ones (Llama 2, Mistral v0.1) are " \
+        "refused" in " ".join(serve.__doc__.split())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ clients get an `aborted` error (and `[DONE]` when streaming); each later phase h
 HANDLER_GRACE, ENGINE_STOP_GRACE), so the whole shutdown ends within `shutdown_timeout` + 2 s. If the engine
 thread dies, /health answers 503, requests in flight get a 500 and new ones a 503: nothing hangs.
 
-Prompts. A string prompt is encoded after a <|bos|>, as every training document was; token-id prompts are used
-as given. Log-likelihood scoring (lm-eval's `local-completions`) sends `echo: true` with `logprobs`: the prompt's
-tokens come back with their logprobs (the first is null: nothing precedes it), from the engine's prompt logprobs.
+Prompts. A string prompt is encoded after the tokenizer's bos token (<|bos|>, Llama 3's <|begin_of_text|>; Qwen
+has none), as Hugging Face's tokenizer(text) does; token-id prompts are used as given. Chat messages are rendered
+with the checkpoint's own chat template. Log-likelihood scoring (lm-eval's `local-completions`) sends `echo: true`
+with `logprobs`: the prompt's tokens come back with their logprobs (the first is null: nothing precedes it), from
+the engine's prompt logprobs.
 lm-eval also sends `max_tokens: 0`, which the engine cannot run (it always samples), so with echo one token is
 generated and dropped: it is in the engine's generation counter but not in `usage`.
 lm-eval's remote tokenizer (`tokenizer_backend=remote`) reads /tokenizer_info (the special tokens and the chat
@@ -78,7 +80,7 @@ class ServerConfig:
 
 @dataclass
 class Prompt:
-    """One prompt: its token ids, the text echoed for it, and whether we put a <|bos|> before that text."""
+    """One prompt: its token ids, the text echoed for it, and whether we put a bos token before that text."""
     ids: list[int]
     text: str
     bos_added: bool = False
@@ -259,7 +261,8 @@ class Server:
         prompts = []
         for item in prompt:
             if isinstance(item, str):
-                prompts.append(Prompt([self.tokenizer.bos_id] + self.tokenizer.encode(item), item, bos_added=True))
+                bos = self.tokenizer.bos_prefix
+                prompts.append(Prompt(bos + self.tokenizer.encode(item), item, bos_added=bool(bos)))
             else:
                 ids = self._token_ids(item, "prompt")
                 prompts.append(Prompt(ids, self.tokenizer.decode(ids)))
@@ -283,8 +286,10 @@ class Server:
                 raise ApiError(400, f"messages[{i}] must have a role in {sorted(ROLES)} and string content, got "
                                     f"{short(message)}", param="messages")
             rendered.append({"role": ROLES[role], "content": content})
-        ids, _ = self.tokenizer.render_chat(rendered, add_generation_prompt=True)
-        return Prompt(ids, "")
+        try:
+            return Prompt(self.tokenizer.render_prompt(rendered), "")
+        except ValueError as error:  # the template refuses the conversation (raise_exception), or there is none
+            raise ApiError(400, f"messages: {error}", param="messages") from None
 
     def _sampling(self, body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None):
         """SamplingParams from the OpenAI fields (and vLLM's top_k, min_p, ignore_eos)."""
@@ -509,7 +514,7 @@ class Server:
             prompt = get_field(body, "prompt", str)
             if prompt is None:
                 raise ApiError(400, "send 'prompt' (a string) or 'messages'", param="prompt")
-            bos = [self.tokenizer.bos_id] if get_field(body, "add_special_tokens", bool, True) else []
+            bos = self.tokenizer.bos_prefix if get_field(body, "add_special_tokens", bool, True) else []
             ids = bos + self.tokenizer.encode(prompt, allow_special=True)
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
 

@@ -224,7 +224,9 @@ class Speculator:
         draft_config = self.draft_model.config
         if draft_config.vocab_size != target_config.vocab_size:
             raise ValueError(f"draft vocab_size={draft_config.vocab_size} differs from the target's "
-                             f"{target_config.vocab_size}; the draft must share the target's tokenizer")
+                             f"{target_config.vocab_size}; the draft must share the target's tokenizer and embedding "
+                             f"size (a Hub draft padded to another size, like Qwen2.5-0.5B's 151936 rows for a 7B's "
+                             f"152064, is not supported)")
         if draft_config.max_seq_len < max_model_len:
             raise ValueError(f"draft max_seq_len={draft_config.max_seq_len} is shorter than max_model_len="
                              f"{max_model_len}; use a draft with a longer context or lower max_model_len")
