@@ -259,10 +259,25 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
-def write_kv(k_cache, v_cache, k, v, slot_mapping):
+@triton.jit
+def _write_kv_kernel(K, V, KCache, VCache, SlotMapping, stride_k, stride_v,
+                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+    """One program per token: copy its k and v rows (n_kv_head * head_dim values) to its slot, unless it is -1."""
+    token = tl.program_id(0)
+    slot = tl.load(SlotMapping + token).to(tl.int64)  # slot * ROW passes 2^31 in a pool of a few GiB
+    if slot >= 0:
+        cols = tl.arange(0, ROW_PAD)
+        mask = cols < ROW
+        tl.store(KCache + slot * ROW + cols, tl.load(K + token * stride_k + cols, mask=mask), mask=mask)
+        tl.store(VCache + slot * ROW + cols, tl.load(V + token * stride_v + cols, mask=mask), mask=mask)
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping, *, use_kernel: bool | None = None):
     """Store k, v (num_tokens, n_kv_head, head_dim) at slots block_id * block_size + offset; slot -1 is skipped.
 
-    Slots must be distinct. Selecting the kept slots syncs with the GPU, so this is not for graph capture.
+    Slots must be distinct. The kernel (default: on CUDA) skips -1 slots itself, so it never waits for the GPU
+    and CUDA graphs can capture it (padded decode rows use slot -1). The torch path selects the kept slots first:
+    on a GPU that would be a host sync, on the CPU it is the cheaper path.
     """
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(cache, torch.Tensor) or cache.dim() != 4 or not cache.is_contiguous():
@@ -279,10 +294,17 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} {slot_mapping.dtype}, v {tuple(v.shape)}: need "
                          f"one integer slot per token of k ({num_tokens})")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if not slot_mapping.is_cuda and num_tokens:  # on GPU this check would cost a sync; index_copy_ checks there
+    if not slot_mapping.is_cuda and num_tokens:  # on GPU this check would cost a sync
         lowest, highest = int(slot_mapping.min()), int(slot_mapping.max())
         if lowest < -1 or highest >= num_slots:
             raise ValueError(f"slot_mapping values must lie in [-1, {num_slots}), got {lowest}..{highest}")
+    if k.is_cuda if use_kernel is None else use_kernel:
+        if num_tokens:
+            row = k_cache.shape[2] * k_cache.shape[3]
+            k, v = (x if x[0].is_contiguous() else x.contiguous() for x in (k, v))  # each token's row in one piece
+            _write_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                            ROW=row, ROW_PAD=triton.next_power_of_2(row))
+        return
     kept = (slot_mapping >= 0).nonzero().squeeze(1)  # (num_kept,)
     slots = slot_mapping[kept].long()
     k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, k[kept])

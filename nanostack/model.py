@@ -404,11 +404,30 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
         self.w_down = nn.Parameter(torch.empty(n_expert, n_embd, hidden))
 
-    def forward(self, x_sorted, tokens_per_expert: list[int]):
-        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd)."""
-        chunks = x_sorted.split(tokens_per_expert)
-        return torch.cat([swiglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e])
-                          for e, chunk in enumerate(chunks)])
+    def forward(self, x_sorted, tokens_per_expert: torch.Tensor):
+        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd).
+
+        For inference, torch._grouped_mm runs each weight's n_expert matmuls in one call that reads the group
+        offsets on the device (with bf16 on Hopper, a CUTLASS grouped GEMM: no host sync, so CUDA graphs can
+        capture it). Otherwise (training: its backward is not supported everywhere; autocast; an older torch;
+        rows not 16-byte aligned) each expert runs on its slice, whose size is read back to the host."""
+        w_gate, w_up, w_down = self.w_gate, self.w_up, self.w_down
+        if _grouped_mm_applies(x_sorted, w_gate, w_down):
+            offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (n_expert,) end row of each expert's group
+            gate = torch._grouped_mm(x_sorted, w_gate.transpose(1, 2), offs=offsets)  # (N*k, hidden)
+            up = torch._grouped_mm(x_sorted, w_up.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offsets)
+        chunks = x_sorted.split(tokens_per_expert.tolist())
+        return torch.cat([swiglu(chunk, w_gate[e], w_up[e], w_down[e]) for e, chunk in enumerate(chunks)])
+
+
+def _grouped_mm_applies(x, w_in, w_out) -> bool:
+    """Whether Experts can use torch._grouped_mm: inference outside autocast, one 16/32-bit float dtype,
+    16-byte-aligned rows."""
+    aligned = all(w.shape[-1] * w.element_size() % 16 == 0 for w in (w_in, w_out))
+    return (hasattr(torch, "_grouped_mm") and not torch.is_grad_enabled() and x.dtype == w_in.dtype
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not torch.is_autocast_enabled(x.device.type) and aligned)
 
 
 class MoE(nn.Module):
@@ -439,8 +458,10 @@ class MoE(nn.Module):
         expert_of_slot = chosen.flatten()  # (N*k,)
         order = expert_of_slot.argsort(stable=True)
         token_of_sorted = order // self.n_active  # (N*k,) row in x_flat of each sorted assignment
-        tokens_per_expert = torch.bincount(expert_of_slot, minlength=self.n_expert)
-        expert_out = self.experts(x_flat[token_of_sorted], tokens_per_expert.tolist())  # (N*k, n_embd)
+        # Counted on the device: bincount would read the largest id back to the host to size its output.
+        expert_ids = torch.arange(self.n_expert, device=x.device)
+        tokens_per_expert = (expert_of_slot[:, None] == expert_ids).sum(dim=0)  # (n_expert,)
+        expert_out = self.experts(x_flat[token_of_sorted], tokens_per_expert)  # (N*k, n_embd)
         expert_out = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
         # expert_out's dtype, not x's: under autocast the experts run in bf16 while x is still fp32.
         y = torch.zeros_like(x_flat, dtype=expert_out.dtype).index_add_(0, token_of_sorted, expert_out)

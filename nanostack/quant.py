@@ -239,11 +239,12 @@ class QuantizedExperts(nn.Module):
             setattr(module, f"{name}_scale", scale)
         return module
 
-    def forward(self, x_sorted, tokens_per_expert: list[int]):
-        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd)."""
+    def forward(self, x_sorted, tokens_per_expert: torch.Tensor):
+        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd).
+        The group sizes are read back to the host (int8 has no grouped matmul here)."""
         linear = LINEAR_FUNCTIONS[self.mode]
         outputs = []
-        for e, chunk in enumerate(x_sorted.split(tokens_per_expert)):
+        for e, chunk in enumerate(x_sorted.split(tokens_per_expert.tolist())):
             gate = linear(chunk, self.w_gate_int8[e], self.w_gate_scale[e])
             up = linear(chunk, self.w_up_int8[e], self.w_up_scale[e])
             outputs.append(linear(F.silu(gate) * up, self.w_down_int8[e], self.w_down_scale[e]))

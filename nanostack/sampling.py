@@ -77,6 +77,13 @@ class SampleOutput:
     top_logprobs: list[dict[int, float] | None]
 
 
+def small_tensor(values: list, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of a few host values on `device`. On CUDA it goes through pinned memory with a non-blocking copy:
+    torch.tensor(values, device=...) would make the host wait until the GPU has finished its queued work."""
+    tensor = torch.tensor(values, dtype=dtype)
+    return tensor.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else tensor
+
+
 def make_generator(seed: int | None, device) -> torch.Generator | None:
     """A generator seeded for one request, on the device its noise is drawn on; None without a seed."""
     if seed is None:
@@ -91,7 +98,7 @@ def filtered_logits(logits: torch.Tensor, params_list: list[SamplingParams]) -> 
     logits = logits.float()
     device = logits.device
     vocab = logits.shape[-1]
-    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params_list], device=device)
+    temperature = small_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params_list], device)
     logits = logits / temperature[:, None]
     top_k = [p.top_k for p in params_list]
     top_p = [p.top_p for p in params_list]
@@ -99,7 +106,7 @@ def filtered_logits(logits: torch.Tensor, params_list: list[SamplingParams]) -> 
     if any(0 < k < vocab for k in top_k) or any(p < 1 for p in top_p):
         sorted_logits = logits.sort(dim=-1, descending=True).values  # (B, vocab)
         if any(0 < k < vocab for k in top_k):
-            kth_index = torch.tensor([min(k, vocab) - 1 if k > 0 else vocab - 1 for k in top_k], device=device)
+            kth_index = small_tensor([min(k, vocab) - 1 if k > 0 else vocab - 1 for k in top_k], device)
             kth_largest = sorted_logits.gather(1, kth_index[:, None])  # (B, 1)
             logits = logits.masked_fill(logits < kth_largest, float("-inf"))
             sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
@@ -108,14 +115,14 @@ def filtered_logits(logits: torch.Tensor, params_list: list[SamplingParams]) -> 
             # Mass of the strictly earlier tokens, as a shifted cumsum: non-decreasing even in float rounding, and
             # exactly 0 for the most likely token, which therefore always survives (top_p > 0).
             mass_before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=-1)
-            keep_sorted = mass_before < torch.tensor(top_p, device=device)[:, None]
+            keep_sorted = mass_before < small_tensor(top_p, device)[:, None]
             # The kept tokens are a prefix of the sorted order; keeping every logit >= the last kept one also
             # keeps the tokens tied with it, which is the order-independent definition in the module docstring.
             last_kept = keep_sorted.sum(dim=-1, keepdim=True) - 1
             threshold = sorted_logits.gather(1, last_kept)  # (B, 1)
             logits = logits.masked_fill(logits < threshold, float("-inf"))
     if any(p > 0 for p in min_p):
-        log_min_p = torch.tensor(min_p, device=device).log()[:, None]  # log 0 = -inf keeps everything
+        log_min_p = small_tensor(min_p, device).log()[:, None]  # log 0 = -inf keeps everything
         log_probs = logits.log_softmax(dim=-1)
         max_log_prob = log_probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(log_probs < max_log_prob + log_min_p, float("-inf"))
@@ -147,20 +154,26 @@ def sample(logits: torch.Tensor, params_list: list[SamplingParams],
     if logits.dim() != 2 or logits.shape[0] != len(params_list) or len(generators) != len(params_list):
         raise ValueError(f"logits {tuple(logits.shape)} must be (batch, vocab) with one params and one generator "
                          f"per row; got {len(params_list)} params and {len(generators)} generators")
-    greedy = torch.tensor([p.greedy for p in params_list], device=logits.device)
-    token_ids = logits.argmax(dim=-1)  # (B,)
-    if not greedy.all():
+    # Decided from the params on the host: asking the device (greedy.all()) would wait for it.
+    greedy = [p.greedy for p in params_list]
+    if all(greedy):
+        token_ids = logits.argmax(dim=-1)  # (B,)
+    else:
         probs = filtered_logits(logits, params_list).softmax(dim=-1)  # (B, vocab), zero outside the kept set
         noise = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(generators) if g is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+        if len(unseeded) == len(generators):
+            noise.exponential_()
+        elif unseeded:
+            noise[small_tensor(unseeded, probs.device)] = torch.empty(len(unseeded), probs.shape[1],
+                                                                      device=probs.device).exponential_()
         for row, generator in enumerate(generators):
             if generator is not None:
                 noise[row].exponential_(generator=generator)
         # exponential_ can return exactly 0; 0/0 would be NaN, which argmax picks, even for a cut token.
-        sampled = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        token_ids = torch.where(greedy, token_ids, sampled)
+        sampled = probs.div_(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        token_ids = (torch.where(small_tensor(greedy, logits.device), logits.argmax(dim=-1), sampled) if any(greedy)
+                     else sampled)
     num_top = [p.logprobs for p in params_list]
     if all(k is None for k in num_top):
         return SampleOutput(token_ids.tolist(), [None] * len(num_top), [None] * len(num_top))

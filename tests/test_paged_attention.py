@@ -162,7 +162,8 @@ def test_automatic_splits_on_a_long_context_match_float64():
     assert_matches_float64(paged_decode_attention(*case), *case)
 
 
-def test_write_kv_round_trip_and_skipped_slots():
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_write_kv_round_trip_and_skipped_slots(use_kernel):
     generator = torch.Generator().manual_seed(0)
     num_blocks, block_size, num_kv_heads, head_dim = 6, 4, 2, 8
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator).to(DEVICE)
@@ -172,7 +173,7 @@ def test_write_kv_round_trip_and_skipped_slots():
     slots[[1, 4, 7]] = -1
     k = torch.randn(10, num_kv_heads, head_dim, generator=generator).to(DEVICE)
     v = torch.randn(10, num_kv_heads, head_dim, generator=generator).to(DEVICE)
-    write_kv(k_cache, v_cache, k, v, slots.to(DEVICE))
+    write_kv(k_cache, v_cache, k, v, slots.to(DEVICE), use_kernel=use_kernel)
     expected_k, expected_v = k_before.clone(), v_before.clone()
     for token, slot in enumerate(slots.tolist()):
         if slot >= 0:  # spelled out as (block, offset) rather than the flat slot the function uses

@@ -204,7 +204,7 @@ def test_quantized_experts_match_float64_reference(mode):
     experts = quant.QuantizedExperts.from_experts(model.layers[0].mlp.experts, mode)
     tokens_per_expert = [5, 0, 7, 2]  # expert 1 gets no tokens
     x_sorted = torch.randn(sum(tokens_per_expert), 64, generator=generator)
-    out = experts(x_sorted, tokens_per_expert)
+    out = experts(x_sorted, torch.tensor(tokens_per_expert))
 
     def reference_linear(x, matrix, e):  # float64, from the same int8 values and scales
         weight = quant.dequantize(getattr(experts, f"{matrix}_int8")[e], getattr(experts, f"{matrix}_scale")[e])
