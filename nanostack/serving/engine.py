@@ -18,7 +18,13 @@
 
 With a Speculator (speculative.py), decoding requests first get up to K draft tokens appended; the scheduler
 then schedules each such request's last token + drafts as one chunk, the forward returns logits for all of
-them, and `_accept_drafts` keeps the accepted run plus one target token and rolls the rest back.
+them, and `_accept_drafts` keeps the accepted run plus one target token and rolls the rest back. Requests whose
+logits are adjusted (logit bias, penalties, a constraint: see sampling.py) are not speculated on: the verifier
+samples from the model's plain distribution.
+
+A constrained request (params.constraint, from serving/constrained.py) keeps its automaton state in the engine:
+each step the constraint masks the tokens that cannot continue a match within the tokens the request has left,
+and the sampled token moves the state on.
 
 Text is streamed safely. Token bytes go through an incremental UTF-8 decoder, so a character whose bytes span
 two tokens is held back until it is complete (never emitted as U+FFFD); and the tail of the text that could
@@ -104,6 +110,7 @@ class _Request:
     first_token_time: float | None = None
     prompt_logprobs: list | None = None    # collected across prefill chunks, sent with the first token
     prompt_logprobs_sent: bool = False
+    constraint_state: int = 0              # the automaton state of a constrained request
 
 
 class Engine:
@@ -184,6 +191,9 @@ class Engine:
                              f"{[t for t in prompt_token_ids if not 0 <= t < vocab][:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request_id!r}: stop strings {params.stop} need an engine with a tokenizer")
+        if params.constraint is not None and params.ignore_eos:
+            raise ValueError(f"request {request_id!r}: ignore_eos cannot be combined with a constraint, which ends "
+                             f"its output with a stop token")
         stop_ids = set(params.stop_token_ids)
         if self.tokenizer is not None and not params.ignore_eos:
             stop_ids |= self.tokenizer.stop_ids
@@ -253,9 +263,16 @@ class Engine:
         if not sample_rows:
             return outputs
         requests = [self.requests[chunk.seq.request_id] for chunk, _ in sample_rows]
+        allowed = None
+        if any(r.seq.params.constraint is not None for r in requests):
+            allowed = [self._allowed_tokens(r) for r in requests]
         sampled = sample(logits[[row for _, row in sample_rows]], [r.seq.params for r in requests],
-                         [r.generator for r in requests])
+                         [r.generator for r in requests], [(r.seq.token_ids, r.seq.num_prompt_tokens) for r in requests],
+                         allowed)
         for i, request in enumerate(requests):
+            if request.seq.params.constraint is not None:
+                request.constraint_state = request.seq.params.constraint.advance(request.constraint_state,
+                                                                                 sampled.token_ids[i])
             outputs.append(self._append_token(request, sampled.token_ids[i], sampled.logprobs[i],
                                               sampled.top_logprobs[i], now))
         return outputs
@@ -310,6 +327,16 @@ class Engine:
             decode_context_lens=as_tensor(context_lens), logits_indices=as_tensor(logits_indices, torch.long))
         return as_tensor(token_ids, torch.long), batch, sample_rows, prompt_rows, draft_rows
 
+    def _allowed_tokens(self, request: _Request):
+        """A constrained request's allowed next tokens (None if unconstrained): those whose match can still finish
+        within the tokens it has left (max_tokens and the context)."""
+        seq = request.seq
+        if seq.params.constraint is None:
+            return None
+        budget = min(seq.params.max_tokens - seq.num_output_tokens,
+                     self.scheduler.config.max_model_len - len(seq.token_ids))
+        return seq.params.constraint.allowed(request.constraint_state, budget, request.stop_ids)
+
     def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
         """Score the prompt tokens these logits predict: {token: logprob} with the request's top alternatives."""
         rows = [row for _, row, _ in prompt_rows]
@@ -329,7 +356,7 @@ class Engine:
         self.speculator.retain({s.request_id for s in running})
         if not running or not self.speculator.enabled(len(running)):
             return {}
-        decoding = [s for s in running if s.num_computed_tokens == len(s.token_ids) - 1]
+        decoding = [s for s in running if s.num_computed_tokens == len(s.token_ids) - 1 and not s.params.adjusts_logits]
         # Leave every running request at least its one token of the step's budget.
         per_seq = (self.scheduler.config.max_num_batched_tokens - len(running)) // max(len(decoding), 1)
         max_len = self.scheduler.config.max_model_len
