@@ -199,7 +199,7 @@ def sample(logits: torch.Tensor, params_list: list[SamplingParams], generators: 
         raise ValueError(f"logits {tuple(logits.shape)} must be (batch, vocab) with one params and one generator "
                          f"per row; got {len(params_list)} params and {len(generators)} generators")
     scores = logits
-    if any(p.adjusts_logits for p in params_list):
+    if allowed is not None or any(p.adjusts_logits for p in params_list):
         if histories is None:
             raise ValueError("logit_bias, penalties and constraints need the rows' token histories")
         scores = adjusted_logits(logits, params_list, histories, allowed)

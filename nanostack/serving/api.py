@@ -83,11 +83,11 @@ class ServerConfig:
     max_logprobs: int = 20                 # alternatives per token (logprobs, top_logprobs) at most
     max_stop: int = 16                     # stop strings per request at most (each is checked after every token)
     shutdown_timeout: float = 30.0         # seconds a shutdown waits for requests in flight before aborting them
-    pooling: str = "mean"                  # embeddings: mean or last (token) of the final hidden states
+    pooling: str = ""                      # embeddings: mean or last (token) of the final hidden states; empty: the model's (serve.py)
 
     def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.pooling not in ("", *POOLINGS):
+            raise ValueError(f"pooling must be one of {POOLINGS} (or empty: the model's own), got {self.pooling!r}")
         for name, low in (("max_body_bytes", 1), ("max_n", 1), ("max_waiting", 0), ("max_logprobs", 0),
                           ("max_stop", 0), ("shutdown_timeout", 0)):
             if getattr(self, name) < low:
@@ -282,8 +282,8 @@ class Server:
                 self.constraints.pop(next(iter(self.constraints)))
         self.constraints[key] = constraint
         if constraint.min_tokens > params.max_tokens:
-            raise ApiError(400, f"the output format of '{field}' needs at least {constraint.min_tokens} tokens, more "
-                                f"than max_tokens={params.max_tokens}", param="max_tokens")
+            raise ApiError(400, f"the shortest output '{field}' allows is {constraint.min_tokens} bytes, which "
+                                f"max_tokens={params.max_tokens} may not cover: raise max_tokens", param="max_tokens")
         params.constraint = constraint
 
     def _compile(self, spec: dict) -> Constraint:
@@ -532,8 +532,8 @@ class Server:
             raise ApiError(400, "embeddings are not served with tensor parallelism (--tp): the model is split over "
                                 "processes that only run engine steps", param="input")
         async with self.embedding_lock:  # one at a time beside the engine thread
-            vectors = await asyncio.to_thread(embed, self.engine.model, [p.ids for p in prompts], self.config.pooling,
-                                              self.max_model_len)
+            vectors = await asyncio.to_thread(embed, self.engine.model, [p.ids for p in prompts],
+                                              self.config.pooling or "mean", self.max_model_len)
         data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(
                     vector.numpy().astype("<f4").tobytes()).decode() if encoding == "base64" else vector.tolist()}
                 for i, vector in enumerate(vectors.cpu())]

@@ -557,6 +557,10 @@ class Constraint:
             allowed[[t for t in stop_ids if t < len(allowed)]] = True
         return allowed
 
+    def complete(self, state: int) -> bool:
+        """The output is a whole match that no byte can extend: nothing but a stop token may follow."""
+        return bool(self.automaton.accepting[state] and (self.automaton.table[state] == self.automaton.dead).all())
+
     def advance(self, state: int, token: int) -> int:
         """The state after `token` (a stop token leaves it as it is)."""
         end = int(self._end_states(state)[token])

@@ -7,6 +7,9 @@ has seen the whole text; embedding models trained that way name it in their sent
 end into rows of at most `tokens_per_forward` tokens; document ids keep each input's attention and positions to itself
 (GPT.forward's doc_ids), so a vector does not depend on what it was packed with, beyond float rounding.
 """
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -36,3 +39,16 @@ def embed(model, inputs: list[list[int]], pooling: str = "mean", tokens_per_forw
         vectors.append(F.normalize(pooled, dim=-1))
         start = end
     return torch.cat(vectors)
+
+
+def named_pooling(model_dir) -> str:
+    """The pooling a sentence-transformers model directory names in 1_Pooling/config.json; "mean" without one."""
+    path = Path(model_dir) / "1_Pooling" / "config.json"
+    if not path.exists():
+        return "mean"
+    modes = [mode for mode, on in json.loads(path.read_text()).items() if mode.startswith("pooling_mode") and on]
+    pooling = {"pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "last"}.get(modes[0] if modes else None)
+    if len(modes) != 1 or pooling is None:
+        raise ValueError(f"{path} names the pooling {modes}; the server pools by one of pooling_mode_mean_tokens or "
+                         f"pooling_mode_lasttoken")
+    return pooling

@@ -430,6 +430,9 @@ class Engine:
             request.text += request.decoder.decode(token_bytes)
             stop_string_found = bool(params.stop) and self._cut_at_stop_string(request, old_len)
             finish_reason = "stop" if stop_string_found else None
+        if finish_reason is None and params.constraint is not None and params.constraint.complete(
+                request.constraint_state):
+            finish_reason = "stop"  # the output is a whole match that no token can extend
         if finish_reason is None and (seq.num_output_tokens >= params.max_tokens
                                       or len(seq.token_ids) >= self.scheduler.config.max_model_len):
             finish_reason = "length"
