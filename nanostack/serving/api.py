@@ -469,8 +469,8 @@ class Server:
             content, calls = parse_tool_calls(choice.text, tools.functions)
             if calls and choice.finish_reason == "stop":
                 choice.finish_reason = "tool_calls"
-            return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {
-                "name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}} for call in calls]
+            return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
+                             for call in calls]
 
         async def chunks(submission: Submission):
             usage = {"usage": None} if include_usage else {}
