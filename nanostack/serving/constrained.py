@@ -5,9 +5,9 @@
     mask = constraint.allowed(state, budget, stop_ids)   # (vocab,) bool; then state = constraint.advance(state, t)
 
 1. A pattern. Both front ends build the same small tree: ("lit", bytes), ("set", character ranges), ("seq", parts),
-   ("alt", options), ("rep", part, min, max or None). `parse_regex` reads a regular expression (no backreferences
-   or lookaround: those are not regular), `json_schema_pattern` a JSON schema, written out the way json.dumps
-   writes it, with at most one space after ":" and "," and the properties in the schema's order.
+   ("alt", options), ("rep", part, min, max or None). `parse_regex` reads a regular expression with Python's own
+   parser (no backreferences or lookaround: those are not regular), `json_schema_pattern` a JSON schema, written
+   out the way json.dumps writes it, with at most one space after ":" and "," and the properties in schema order.
 2. An automaton. The tree becomes an NFA over *bytes* (Thompson's construction; a set of characters becomes the
    alternatives of its UTF-8 byte sequences) and subset construction makes that a DFA: a (states + 1, 256) table
    of next states whose last row is the dead state, the accepting states, and each state's distance in bytes to
@@ -32,6 +32,11 @@ from collections import deque
 
 import numpy as np
 
+try:
+    from re import _parser as sre_parser  # Python >= 3.11
+except ImportError:
+    import sre_parse as sre_parser  # Python 3.10
+
 MAX_STATES = 20_000
 MASK_CACHE_BYTES = 64 << 20
 JSON_ANY_DEPTH = 3                          # nesting levels of a JSON value whose schema is {} or "json_object"
@@ -41,8 +46,8 @@ ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", 
 class PatternError(ValueError):
     """A pattern or schema that is malformed, unsupported or too large; `pointer` is the JSON pointer to blame."""
 
-    def __init__(self, message: str, pointer: str = ""):
-        super().__init__(f"{message} (at '{pointer or '/'}')" if pointer is not None else message)
+    def __init__(self, message: str, pointer: str | None = None):
+        super().__init__(message if pointer is None else f"{message} (at '{pointer or '/'}')")
         self.pointer = pointer
 
 
@@ -85,147 +90,64 @@ def ascii_set(chars: str, negate=False):
 
 DIGIT, WORD = char_set([(48, 57)]), char_set([(48, 57), (65, 90), (95, 95), (97, 122)])
 SPACE = ascii_set(" \t\n\r\f\v")
-CLASS_ESCAPES = {"d": DIGIT, "w": WORD, "s": SPACE}
-CHAR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+CATEGORIES = {"CATEGORY_DIGIT": DIGIT, "CATEGORY_WORD": WORD, "CATEGORY_SPACE": SPACE}  # ASCII, as in JSON Schema
 
 
 def parse_regex(pattern: str):
-    """A pattern tree for a regular expression matched whole (^ and $ at its ends are allowed and change nothing).
+    """The pattern tree of a regular expression, matched whole (^ $ \\A \\Z at its ends change nothing).
 
-    Literals, escapes (\\d \\w \\s and their negations, \\n \\t \\xHH \\uHHHH, escaped punctuation), classes [a-z],
-    [^...], ".", groups (...), (?:...), (?P<name>...), alternation |, and * + ? {m} {m,} {m,n} (lazy forms too:
-    the language is the same). Anything else - backreferences, lookaround, word boundaries, flags - is refused."""
-    position = 0
+    Python's own parser reads it (re._parser: re's syntax, escapes and errors exactly); the tree is then taken
+    apart into ours. Literals, classes, ".", groups, alternation and greedy or lazy repetition are regular; what is
+    not - backreferences, lookaround, word boundaries, possessive repeats, flags - is refused."""
+    try:
+        parsed = sre_parser.parse(pattern)
+    except re.error as error:
+        raise PatternError(f"regex {pattern!r}: {error}") from None
+    if parsed.state.flags & ~re.UNICODE:
+        raise PatternError(f"regex {pattern!r}: flags like (?i) are not supported")
+    return _from_sre(pattern, list(parsed), True, True)
 
-    def fail(message):
-        raise PatternError(f"regex {pattern!r}: {message} at position {position}", None)
 
-    def peek(text):
-        return pattern.startswith(text, position)
+def _from_sre(pattern: str, items: list, at_start: bool, at_end: bool):
+    parts = []
+    for i, (op, arg) in enumerate(items):
+        op, first, last = str(op), at_start and i == 0, at_end and i == len(items) - 1
+        if op == "LITERAL":
+            parts.append(lit(chr(arg)))
+        elif op == "NOT_LITERAL":
+            parts.append(char_set([(arg, arg)], negate=True))
+        elif op == "ANY":
+            parts.append(ascii_set("\n", negate=True))
+        elif op == "IN":
+            parts.append(_sre_class(pattern, arg))
+        elif op == "BRANCH":
+            parts.append(alt(*[_from_sre(pattern, list(option), first, last) for option in arg[1]]))
+        elif op == "SUBPATTERN" and not arg[1] and not arg[2]:  # a group without inline flags
+            parts.append(_from_sre(pattern, list(arg[3]), first, last))
+        elif op in ("MAX_REPEAT", "MIN_REPEAT"):  # greedy or lazy: the same strings match
+            low, high, part = arg
+            parts.append(rep(_from_sre(pattern, list(part), False, False), low,
+                             None if high == sre_parser.MAXREPEAT else high))
+        elif not (op == "AT" and ((first and str(arg) in ("AT_BEGINNING", "AT_BEGINNING_STRING"))
+                                  or (last and str(arg) in ("AT_END", "AT_END_STRING")))):
+            raise PatternError(f"regex {pattern!r}: {op} {str(arg)[:40]} (a backreference, lookaround, assertion, "
+                               f"possessive repeat or flag) is not supported")
+    return seq(*parts)
 
-    def escape(in_class):
-        nonlocal position
-        char = pattern[position:position + 1]
-        position += 1
-        if not char:
-            fail("a trailing backslash")
-        if char.lower() in CLASS_ESCAPES:
-            node = CLASS_ESCAPES[char.lower()]
-            return char_set(node[1], negate=True) if char.isupper() else node
-        if char in "xu":
-            digits = pattern[position:position + (2 if char == "x" else 4)]
-            if not re.fullmatch(r"[0-9a-fA-F]{2}" if char == "x" else r"[0-9a-fA-F]{4}", digits):
-                fail(f"\\{char} needs {2 if char == 'x' else 4} hex digits")
-            position += len(digits)
-            return chr(int(digits, 16))
-        if char in CHAR_ESCAPES:
-            return CHAR_ESCAPES[char]
-        if char.isalnum():
-            fail(f"\\{char} (a backreference, an assertion or an unknown escape) is not supported")
-        return char
 
-    def as_node(item):
-        return item if isinstance(item, tuple) else lit(item)
-
-    def char_class():
-        nonlocal position
-        negate = peek("^")
-        position += negate
-        ranges, first = [], True
-        while first or not peek("]"):
-            first = False
-            if position >= len(pattern):
-                fail("an unclosed [")
-            item = pattern[position]
-            position += 1
-            item = escape(True) if item == "\\" else item
-            if isinstance(item, tuple):
-                ranges += item[1]
-                continue
-            high = item
-            if peek("-") and not pattern.startswith("-]", position):
-                position += 1
-                high = pattern[position:position + 1]
-                position += 1
-                high = escape(True) if high == "\\" else high
-                if not isinstance(high, str) or not high or ord(high) < ord(item):
-                    fail(f"a bad range {item}-{high}")
-            ranges.append((ord(item), ord(high)))
-        position += 1
-        return char_set(ranges, negate)
-
-    def atom():
-        nonlocal position
-        char = pattern[position]
-        position += 1
-        if char == "(":
-            if peek("?:"):
-                position += 2
-            elif peek("?P<") or (peek("?<") and not peek("?<=") and not peek("?<!")):
-                if pattern.find(">", position) < 0:
-                    fail("an unclosed group name")
-                position = pattern.find(">", position) + 1
-            elif peek("?"):
-                fail("lookaround, flags and other (?...) groups are not supported")
-            node = alternation()
-            if not peek(")"):
-                fail("an unclosed (")
-            position += 1
-            return node
-        if char == "[":
-            return char_class()
-        if char == ".":
-            return ascii_set("\n", negate=True)
-        if char == "\\":
-            return as_node(escape(False))
-        if char in "*+?{":
-            fail(f"nothing to repeat before {char!r}")
-        if char in "^$":
-            fail(f"{char!r} is only allowed at the start (^) or the end ($)")
-        return lit(char)
-
-    def repeated():
-        nonlocal position
-        node = atom()
-        while position < len(pattern) and pattern[position] in "*+?{":
-            quantifier = re.match(r"\*|\+|\?|\{(\d+)(,(\d*))?\}", pattern[position:])
-            if quantifier is None:
-                fail("a bad quantifier")
-            position += quantifier.end()
-            text, low, comma, high = quantifier[0], quantifier[1], quantifier[2], quantifier[3]
-            if text in "*+?":
-                node = rep(node, int(text == "+"), 1 if text == "?" else None)
-            else:
-                low = int(low)
-                high = low if not comma else (int(high) if high else None)
-                if high is not None and high < low:
-                    fail(f"{{{low},{high}}} has its bounds the wrong way round")
-                node = rep(node, low, high)
-            position += peek("?")  # a lazy quantifier matches the same strings
-        return node
-
-    def alternation():
-        options = [[]]
-        while position < len(pattern) and not peek(")"):
-            if peek("|"):
-                advance(1)
-                options.append([])
-            elif peek("$") and position == len(pattern) - 1:
-                advance(1)
-            else:
-                options[-1].append(repeated())
-        return alt(*[seq(*parts) for parts in options])
-
-    def advance(count):
-        nonlocal position
-        position += count
-
-    if peek("^"):
-        advance(1)
-    tree = alternation()
-    if position < len(pattern):
-        fail("an unmatched )")
-    return tree
+def _sre_class(pattern: str, items: list):
+    negate = bool(items) and str(items[0][0]) == "NEGATE"
+    ranges = []
+    for op, arg in items[negate:]:
+        op = str(op)
+        if op in ("LITERAL", "RANGE"):
+            ranges.append((arg, arg) if op == "LITERAL" else arg)
+        elif op == "CATEGORY" and str(arg).replace("_NOT", "") in CATEGORIES:
+            node = CATEGORIES[str(arg).replace("_NOT", "")]
+            ranges += char_set(node[1], negate=True)[1] if "_NOT" in str(arg) else node[1]
+        else:
+            raise PatternError(f"regex {pattern!r}: {op} {str(arg)[:40]} in a class is not supported")
+    return char_set(ranges, negate)
 
 
 # JSON text, written as json.dumps writes it (one optional space after ":" and ","), strings with every escape.
@@ -239,6 +161,16 @@ JSON_NUMBER = seq(JSON_INTEGER, rep(seq(lit("."), rep(DIGIT, 1)), 0, 1),
 COLON, COMMA = seq(lit(":"), rep(lit(" "), 0, 1)), seq(lit(","), rep(lit(" "), 0, 1))
 SCALARS = {"string": JSON_STRING, "integer": JSON_INTEGER, "number": JSON_NUMBER,
            "boolean": alt(lit("true"), lit("false")), "null": lit("null")}
+
+
+JSON_TYPES = [*SCALARS, "object", "array"]
+
+
+def json_type(value) -> str:
+    """The JSON Schema type of a parsed JSON value."""
+    if isinstance(value, bool) or value is None:
+        return "null" if value is None else "boolean"
+    return {int: "integer", float: "number", str: "string", list: "array", dict: "object"}[type(value)]
 
 
 def json_list(item, low=0, high=None):
@@ -274,6 +206,15 @@ def json_schema_pattern(schema, root=None, pointer="", refs=()):
     for key in schema:
         if key not in known:
             raise PatternError(f"the keyword {key!r} is not supported", f"{pointer}/{key}")
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else types
+    if types is not None and (not isinstance(types, list) or not types or any(t not in JSON_TYPES for t in types)):
+        raise PatternError(f"type must be one or a list of {JSON_TYPES}, got {json.dumps(types)[:60]}",
+                           f"{pointer}/type")
+    alone = [key for key in ("$ref", "anyOf", "enum", "const") if key in schema]  # each decides the whole value
+    others = set(schema) - ANNOTATIONS - {*alone[:1], *(["type"] if alone[:1] in (["enum"], ["const"]) else [])}
+    if alone and others:
+        raise PatternError(f"{alone[0]} beside {sorted(others)} is not supported", f"{pointer}/{alone[0]}")
     if "$ref" in schema:
         ref = schema["$ref"]
         match = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", ref) if isinstance(ref, str) else None
@@ -285,21 +226,18 @@ def json_schema_pattern(schema, root=None, pointer="", refs=()):
         return json_schema_pattern(target, root, ref[1:], (*refs, ref))
     if "enum" in schema or "const" in schema:
         values = schema["enum"] if "enum" in schema else [schema["const"]]
+        if isinstance(values, list) and types:  # only the values of the type(s)
+            values = [v for v in values if json_type(v) in types or (json_type(v) == "integer" and "number" in types)]
         if not isinstance(values, list) or not values:
-            raise PatternError("enum must be a non-empty list", f"{pointer}/enum")
+            raise PatternError("enum must be a non-empty list (of values of the schema's type)", f"{pointer}/enum")
         return alt(*[lit(json.dumps(value, ensure_ascii=False)) for value in values])
     if "anyOf" in schema:
         options = schema["anyOf"]
         if not isinstance(options, list) or not options:
             raise PatternError("anyOf must be a non-empty list of schemas", f"{pointer}/anyOf")
         return alt(*[json_schema_pattern(s, root, f"{pointer}/anyOf/{i}", refs) for i, s in enumerate(options)])
-    types = schema.get("type")
-    types = [types] if isinstance(types, str) else types
     if types is None:
         return json_any()
-    if not isinstance(types, list) or not types or any(t not in {*SCALARS, "object", "array"} for t in types):
-        raise PatternError(f"type must be one or a list of {sorted({*SCALARS, 'object', 'array'})}, got "
-                           f"{json.dumps(schema['type'])[:60]}", f"{pointer}/type")
 
     def count(key):
         value = schema.get(key)
@@ -413,7 +351,7 @@ def compile_pattern(tree, max_states: int = MAX_STATES) -> Automaton:
 
     def new_state():
         if len(edges) >= max_states:
-            raise PatternError(f"the pattern needs more than {max_states} automaton states; simplify it", None)
+            raise PatternError(f"the pattern needs more than {max_states} automaton states; simplify it")
         edges.append([])
         epsilons.append([])
         return len(edges) - 1
@@ -479,7 +417,7 @@ def compile_pattern(tree, max_states: int = MAX_STATES) -> Automaton:
     def dfa_state(nfa_states):
         if nfa_states not in ids:
             if len(ids) >= max_states:
-                raise PatternError(f"the pattern needs more than {max_states} automaton states; simplify it", None)
+                raise PatternError(f"the pattern needs more than {max_states} automaton states; simplify it")
             ids[nfa_states] = len(ids)
             queue.append(nfa_states)
         return ids[nfa_states]
@@ -538,21 +476,27 @@ class Constraint:
 
     def __init__(self, automaton: Automaton, vocabulary: Vocabulary):
         self.automaton, self.vocabulary = automaton, vocabulary
-        self.cache: dict[int, np.ndarray] = {}
-        self.cache_size = max(16, MASK_CACHE_BYTES // (4 * vocabulary.vocab_size))
+        self.cache: dict[int, tuple] = {}
+        self.cache_size = max(16, MASK_CACHE_BYTES // (9 * vocabulary.vocab_size))
         self.min_tokens = int(automaton.distance[0])  # the shortest match, one byte token at a time
 
-    def _end_states(self, state: int) -> np.ndarray:
+    def _walk(self, state: int) -> tuple:
+        """(each token's end state, its distance to acceptance, the tokens that can finish at all, the largest such
+        distance) from `state`, cached."""
         if state not in self.cache:
             if len(self.cache) >= self.cache_size:
                 self.cache.pop(next(iter(self.cache)))  # the oldest entry
-            self.cache[state] = self.vocabulary.end_states(self.automaton, state)
+            end = self.vocabulary.end_states(self.automaton, state)
+            distance = self.automaton.distance[end]
+            viable = distance < self.automaton.distance[self.automaton.dead]
+            self.cache[state] = end, distance, viable, int(distance[viable].max(initial=0))
         return self.cache[state]
 
     def allowed(self, state: int, budget: int, stop_ids) -> np.ndarray:
         """(vocab,) bool: the tokens that keep the output a prefix of a match which the `budget` tokens left
         (this one included) can still finish; the stop ids too where the output so far is a whole match."""
-        allowed = self.automaton.distance[self._end_states(state)] <= budget - 1
+        _, distance, viable, farthest = self._walk(state)
+        allowed = viable.copy() if farthest <= budget - 1 else distance <= budget - 1
         if self.automaton.accepting[state]:
             allowed[[t for t in stop_ids if t < len(allowed)]] = True
         return allowed
@@ -563,5 +507,5 @@ class Constraint:
 
     def advance(self, state: int, token: int) -> int:
         """The state after `token` (a stop token leaves it as it is)."""
-        end = int(self._end_states(state)[token])
+        end = int(self._walk(state)[0][token])
         return state if end == self.automaton.dead and self.automaton.accepting[state] else end
