@@ -193,7 +193,7 @@ def naive_adjusted(logits: list[float], params: SamplingParams, token_ids: list[
     return scores
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.integers(0, 11), min_size=1, max_size=12), st.integers(0, 12),
        st.dictionaries(st.integers(0, 11), st.floats(-100, 100), max_size=3), st.floats(-2, 2), st.floats(-2, 2),
        st.sampled_from([1.0, 0.5, 1.3, 2.0]), st.integers(0, 2**31))

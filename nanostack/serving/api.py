@@ -83,7 +83,7 @@ class ServerConfig:
     max_logprobs: int = 20                 # alternatives per token (logprobs, top_logprobs) at most
     max_stop: int = 16                     # stop strings per request at most (each is checked after every token)
     shutdown_timeout: float = 30.0         # seconds a shutdown waits for requests in flight before aborting them
-    pooling: str = ""                      # embeddings: mean or last (token) of the final hidden states; empty: the model's (serve.py)
+    pooling: str = ""                      # embeddings: mean or last (token); empty: the model's own (serve.py reads it)
 
     def __post_init__(self):
         if self.pooling not in ("", *POOLINGS):
