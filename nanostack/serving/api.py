@@ -11,10 +11,9 @@ chat page). protocol.py holds the wire format: errors as JSON in OpenAI's shape 
 writer; openai_requests.py reads request bodies (every field implemented or refused by name).
 
 Structured outputs and tools. A request's output constraint (response_format, structured_outputs, a required tool
-call) is compiled into an automaton (constrained.py) on a worker thread, so a large schema never stalls the event
-loop, and kept in a small cache by its spec; the engine masks each step's tokens with it. Tool calls are parsed out
-of the finished reply (tools.py); a stream holds text back from where a call may begin and sends the calls last.
-Embeddings (embeddings.py) run the model's plain forward on a worker thread, one request at a time.
+call) is compiled by openai_requests.ConstraintCache and masks the tokens of each engine step; tool calls are parsed
+out of the finished reply (tools.py), a stream holding text back from where a call may begin. Embeddings
+(embeddings.py) run the model's plain forward on a worker thread, one request at a time.
 
 Threads. The engine is synchronous, so it runs on one thread of its own (`EngineLoop` in engine_loop.py), stepping
 while there is work and sleeping on its command queue otherwise; nothing else touches it. Handlers on the asyncio
@@ -43,7 +42,6 @@ import base64
 import codecs
 import dataclasses
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -53,14 +51,13 @@ from pathlib import Path
 from aiohttp import web
 
 from nanostack.sampling import SamplingParams
-from nanostack.serving.constrained import Constraint, PatternError, Vocabulary, compile_pattern
 from nanostack.serving.embeddings import POOLINGS, embed
 from nanostack.serving.engine import Engine, RequestOutput
 from nanostack.serving.engine_loop import EngineLoop
 from nanostack.serving.metrics import Metrics
-from nanostack.serving.openai_requests import (CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, Prompt, Tools,
-                                               chat_messages, chat_tools, check_fields, constraint_spec,
-                                               sampling_params, spec_pattern, text_prompts, token_ids)
+from nanostack.serving.openai_requests import (CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, ConstraintCache,
+                                               Prompt, Tools, chat_messages, chat_tools, check_fields, constraint_spec,
+                                               sampling_params, text_prompts, token_ids)
 from nanostack.serving.protocol import ApiError, get_field, parse_json_body, write_event_stream
 from nanostack.serving.tools import parse_tool_calls, streamable_length
 
@@ -176,8 +173,7 @@ class Server:
         self.idle = asyncio.Event()
         self.draining = False
         self.created = int(time.time())
-        self.vocabulary: Vocabulary | None = None  # the tokenizer's trie, built with the first constraint
-        self.constraints: dict[str, Constraint] = {}  # spec -> compiled, least recently used first
+        self.constraints = ConstraintCache(self.tokenizer, engine.model.config.vocab_size, CONSTRAINT_CACHE_SIZE)
         self.embedding_lock = asyncio.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -265,36 +261,6 @@ class Server:
         return sampling_params(body, max_tokens, logprobs, prompt_logprobs, self.config.max_stop,
                                self.tokenizer.vocab_size)
 
-    async def _constrain(self, params: SamplingParams, found: tuple[dict, str] | None) -> None:
-        """Give params the compiled constraint of (spec, field) (compiled off the event loop, cached), if any."""
-        if found is None:
-            return
-        spec, field = found
-        key = json.dumps(spec, sort_keys=True)
-        constraint = self.constraints.pop(key, None)  # put back below as the most recently used
-        if constraint is None:
-            try:
-                constraint = await asyncio.to_thread(self._compile, spec)
-            except (PatternError, RecursionError) as error:
-                message = str(error) if isinstance(error, PatternError) else "the schema is nested too deeply"
-                raise ApiError(400, f"'{field}': {message}", param=field) from None
-            while len(self.constraints) >= CONSTRAINT_CACHE_SIZE:
-                self.constraints.pop(next(iter(self.constraints)))
-        self.constraints[key] = constraint
-        if constraint.min_tokens > params.max_tokens:
-            raise ApiError(400, f"the shortest output '{field}' allows is {constraint.min_tokens} bytes, which "
-                                f"max_tokens={params.max_tokens} may not cover: raise max_tokens", param="max_tokens")
-        params.constraint = constraint
-
-    def _compile(self, spec: dict) -> Constraint:
-        """(On a worker thread.) The constraint of a spec over this server's vocabulary."""
-        if self.vocabulary is None:
-            self.vocabulary = Vocabulary(self.tokenizer, self.engine.model.config.vocab_size)
-        constraint = Constraint(compile_pattern(spec_pattern(spec)), self.vocabulary)
-        if constraint.min_tokens >= 2**30:
-            raise PatternError("the pattern matches no text at all", None)
-        return constraint
-
     def _check_fits(self, prompt: Prompt, max_tokens: int) -> None:
         needed = len(prompt.ids) + max_tokens
         if needed > self.max_model_len:
@@ -354,7 +320,7 @@ class Server:
         stream, include_usage = self._stream_options(body)
         prompts = text_prompts(body, "prompt", self.tokenizer)
         params = self._sampling(body, max(max_tokens, 1), logprobs, logprobs if echo and logprobs is not None else None)
-        await self._constrain(params, constraint_spec(body, Tools()))
+        await self.constraints.constrain(params, constraint_spec(body, Tools()))
         for prompt in prompts:
             self._check_fits(prompt, max(max_tokens, 1))
         response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -437,7 +403,7 @@ class Server:
         n = get_field(body, "n", int, 1, 1, self.config.max_n)
         stream, include_usage = self._stream_options(body)
         params = self._sampling(body, max_tokens, (top_logprobs or 0) if want_logprobs else None, None)
-        await self._constrain(params, constraint_spec(body, tools))
+        await self.constraints.constrain(params, constraint_spec(body, tools))
         self._check_fits(prompt, max_tokens)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = self._choices(response_id, [prompt], n, params)

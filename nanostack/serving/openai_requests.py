@@ -5,14 +5,17 @@ other is answered with a 400 that names it, as OpenAI's API does, rather than ac
 constraint of a request is a small JSON-able spec, which is also its cache key: {"json": schema},
 {"json_object": true}, {"regex": pattern}, {"choice": [strings]} or {"tool_calls": {name: parameters},
 "parallel": bool}, from `response_format` (OpenAI), `structured_outputs` (vLLM's: json, regex, choice, json_object)
-or a required tool call; `spec_pattern` turns it into a pattern for serving/constrained.py.
+or a required tool call; `spec_pattern` turns it into a pattern for serving/constrained.py, and a ConstraintCache
+compiles it (on a worker thread: a large schema must not stall the event loop) and keeps the recently used ones.
 """
+import asyncio
 import json
 import re
 from dataclasses import dataclass
 
 from nanostack.sampling import SamplingParams
-from nanostack.serving.constrained import alt, json_any, json_schema_pattern, lit, parse_regex
+from nanostack.serving.constrained import (Constraint, PatternError, Vocabulary, alt, compile_pattern, json_any,
+                                           json_schema_pattern, lit, parse_regex)
 from nanostack.serving.protocol import ApiError, get_field, is_int, short
 from nanostack.serving.tools import tool_call_pattern
 
@@ -249,3 +252,41 @@ def spec_pattern(spec: dict):
     if "choice" in spec:
         return alt(*[lit(choice) for choice in spec["choice"]])
     return tool_call_pattern(spec["tool_calls"], spec["parallel"])
+
+
+class ConstraintCache:
+    """Compiled constraints by spec over one vocabulary, least recently used first, at most `size` of them."""
+
+    def __init__(self, tokenizer, vocab_size: int, size: int):
+        self.tokenizer, self.vocab_size, self.size = tokenizer, vocab_size, size
+        self.vocabulary: Vocabulary | None = None  # the tokenizer's trie, built with the first constraint
+        self.compiled: dict[str, Constraint] = {}
+
+    async def constrain(self, params: SamplingParams, found: tuple[dict, str] | None) -> None:
+        """Give params the compiled constraint of (spec, field) from constraint_spec, if any; a bad spec is a 400."""
+        if found is None:
+            return
+        spec, field = found
+        key = json.dumps(spec, sort_keys=True)
+        constraint = self.compiled.pop(key, None)  # put back below as the most recently used
+        if constraint is None:
+            try:
+                constraint = await asyncio.to_thread(self._compile, spec)
+            except (PatternError, RecursionError) as error:
+                message = str(error) if isinstance(error, PatternError) else "the schema is nested too deeply"
+                raise ApiError(400, f"'{field}': {message}", param=field) from None
+            while len(self.compiled) >= self.size:
+                self.compiled.pop(next(iter(self.compiled)))
+        self.compiled[key] = constraint
+        if constraint.min_tokens > params.max_tokens:
+            raise ApiError(400, f"the shortest output '{field}' allows is {constraint.min_tokens} bytes, which "
+                                f"max_tokens={params.max_tokens} may not cover: raise max_tokens", param="max_tokens")
+        params.constraint = constraint
+
+    def _compile(self, spec: dict) -> Constraint:
+        if self.vocabulary is None:
+            self.vocabulary = Vocabulary(self.tokenizer, self.vocab_size)
+        constraint = Constraint(compile_pattern(spec_pattern(spec)), self.vocabulary)
+        if constraint.min_tokens >= 2**30:
+            raise PatternError("the pattern matches no text at all")
+        return constraint
