@@ -139,12 +139,13 @@ def containers(children):
 SCHEMAS = st.recursive(LEAVES, containers, max_leaves=5)
 
 
-@pytest.fixture(scope="module")
-def engine(tokenizer):
-    torch.manual_seed(1)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, max_seq_len=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)).eval()
+def speculating_engine(tokenizer, seed: int) -> Engine:
+    """An engine over a random untrained model (weights from `seed`) that speculates, recording who got drafts."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, max_seq_len=128, n_layer=1, n_head=2, n_kv_head=1,
+                            n_embd=32)).eval()
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=8), Speculator(SpeculativeConfig(num_speculative_tokens=3)))
-    propose, engine.speculated = engine.speculator.propose, []  # which requests got drafts
+    propose, engine.speculated = engine.speculator.propose, []
 
     def recording_propose(wanted):
         engine.speculated += [seq.params for seq, _ in wanted]
@@ -153,16 +154,16 @@ def engine(tokenizer):
     return engine
 
 
-@settings(max_examples=12, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 @given(schema=SCHEMAS, seed=st.integers(0, 2**31), temperature=st.sampled_from([0.0, 0.7, 1.5]))
-def test_every_constrained_completion_parses_and_validates(engine, tokenizer, schema, seed, temperature):
+def test_every_constrained_completion_parses_and_validates(tokenizer, schema, seed, temperature):
     constraint = Constraint(compile_pattern(json_schema_pattern(schema)), Vocabulary(tokenizer, tokenizer.vocab_size))
     max_tokens = constraint.min_tokens + 20
     prompt = [tokenizer.bos_id] + tokenizer.encode("def fib(n):")
     constrained = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i, constraint=constraint)
                    for i in range(3)]  # like n = 3
     plain = SamplingParams(max_tokens=12, temperature=temperature, seed=seed, ignore_eos=True)
-    engine.speculated.clear()
+    engine = speculating_engine(tokenizer, seed)
     outputs = engine.generate([prompt] * 4, constrained + [plain])
     for output in outputs[:3]:
         jsonschema.validate(json.loads(output.text), schema)
