@@ -33,6 +33,7 @@ from nanostack.model import GPT, ModelConfig
 from nanostack.quant import MODES
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.serving.api import ServerConfig, create_app, start_server
+from nanostack.serving.embeddings import named_pooling
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.speculative import SpeculativeConfig, Speculator
 from nanostack.serving.tensor_parallel import ModelSpec, Workers, broadcasting_forward, load_model
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
                                                  target_tokenizer=loaded["tokenizer"],
                                                  target_path=Path(spec.path) / "tokenizer.json")
                       if config.draft else Speculator(speculative_config) if config.ngram else None)
+        server_config.pooling = server_config.pooling or named_pooling(spec.path)
         engine = Engine(network, loaded["tokenizer"], engine_config, speculator,
                         forward=broadcasting_forward(network) if workers else None)
         if workers:

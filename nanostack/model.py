@@ -540,9 +540,10 @@ class GPT(nn.Module):
             else:
                 param.normal_(0.0, 0.02)
 
-    def forward(self, idx, targets=None, *, doc_ids=None, kv_cache=None):
+    def forward(self, idx, targets=None, *, doc_ids=None, kv_cache=None, final_hidden=False):
         """idx (B, T) -> logits (B, T, vocab) in fp32 (or wider), or, given targets, the mean cross-entropy
-        over targets != -1 plus the MoE auxiliary loss. doc_ids (B, T) packs documents; kv_cache decodes."""
+        over targets != -1 plus the MoE auxiliary loss. doc_ids (B, T) packs documents; kv_cache decodes;
+        final_hidden returns the normed last hidden states (B, T, n_embd) instead of logits (embeddings)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, seq_len), got shape {tuple(idx.shape)}")
         batch, seq_len = idx.shape
@@ -564,6 +565,8 @@ class GPT(nn.Module):
             x = layer(x, cos, sin, doc_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
+        if final_hidden:
+            return self.norm(x)
         logits = self.lm_logits(x)  # (B, T, vocab)
 
         if self.config.n_expert:

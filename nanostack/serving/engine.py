@@ -18,7 +18,13 @@
 
 With a Speculator (speculative.py), decoding requests first get up to K draft tokens appended; the scheduler
 then schedules each such request's last token + drafts as one chunk, the forward returns logits for all of
-them, and `_accept_drafts` keeps the accepted run plus one target token and rolls the rest back.
+them, and `_accept_drafts` keeps the accepted run plus one target token and rolls the rest back. Requests whose
+logits are adjusted (logit bias, penalties, a constraint: see sampling.py) are not speculated on: the verifier
+samples from the model's plain distribution.
+
+A constrained request (params.constraint, from serving/constrained.py) keeps its automaton state in the engine:
+each step the constraint masks the tokens that cannot continue a match within the tokens the request has left,
+and the sampled token moves the state on.
 
 Text is streamed safely. Token bytes go through an incremental UTF-8 decoder, so a character whose bytes span
 two tokens is held back until it is complete (never emitted as U+FFFD); and the tail of the text that could
@@ -107,6 +113,7 @@ class _Request:
     first_token_time: float | None = None
     prompt_logprobs: list | None = None    # collected across prefill chunks, sent with the first token
     prompt_logprobs_sent: bool = False
+    constraint_state: int = 0              # the automaton state of a constrained request
 
 
 class Engine:
@@ -200,6 +207,9 @@ class Engine:
                              f"{[t for t in prompt_token_ids if not 0 <= t < vocab][:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request_id!r}: stop strings {params.stop} need an engine with a tokenizer")
+        if params.constraint is not None and params.ignore_eos:
+            raise ValueError(f"request {request_id!r}: ignore_eos cannot be combined with a constraint, which ends "
+                             f"its output with a stop token")
         stop_ids = set(params.stop_token_ids)
         if self.tokenizer is not None and not params.ignore_eos:
             stop_ids |= self.tokenizer.stop_ids
@@ -275,8 +285,14 @@ class Engine:
         rows = [row for _, row in sample_rows]
         # The rows increase, so as many rows as logits means all of them in order (every plain decode step).
         sample_logits = logits if len(rows) == logits.shape[0] else logits[small_tensor(rows, logits.device)]
-        sampled = sample(sample_logits, [r.seq.params for r in requests], [r.generator for r in requests])
+        allowed = None
+        if any(r.seq.params.constraint is not None for r in requests):
+            allowed = [self._allowed_tokens(r) for r in requests]
+        sampled = sample(sample_logits, [r.seq.params for r in requests], [r.generator for r in requests],
+                         [(r.seq.token_ids, r.seq.num_prompt_tokens) for r in requests], allowed)
         for request, token, logprob, top in zip(requests, sampled.token_ids, sampled.logprobs, sampled.top_logprobs):
+            if request.seq.params.constraint is not None:
+                request.constraint_state = request.seq.params.constraint.advance(request.constraint_state, token)
             outputs.append(self._append_token(request, token, logprob, top, now))
         return outputs
 
@@ -345,6 +361,16 @@ class Engine:
             max_seqlen_k=max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0))
         return arrays, sample_rows, prompt_rows, draft_rows
 
+    def _allowed_tokens(self, request: _Request):
+        """A constrained request's allowed next tokens (None if unconstrained): those whose match can still finish
+        within the tokens it has left (max_tokens and the context)."""
+        seq = request.seq
+        if seq.params.constraint is None:
+            return None
+        budget = min(seq.params.max_tokens - seq.num_output_tokens,
+                     self.scheduler.config.max_model_len - len(seq.token_ids))
+        return seq.params.constraint.allowed(request.constraint_state, budget, request.stop_ids)
+
     def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
         """Score the prompt tokens these logits predict: {token: logprob} with the request's top alternatives."""
         rows = [row for _, row, _ in prompt_rows]
@@ -364,7 +390,7 @@ class Engine:
         self.speculator.retain({s.request_id for s in running})
         if not running or not self.speculator.enabled(len(running)):
             return {}
-        decoding = [s for s in running if s.num_computed_tokens == len(s.token_ids) - 1]
+        decoding = [s for s in running if s.num_computed_tokens == len(s.token_ids) - 1 and not s.params.adjusts_logits]
         # Leave every running request at least its one token of the step's budget.
         per_seq = (self.scheduler.config.max_num_batched_tokens - len(running)) // max(len(decoding), 1)
         max_len = self.scheduler.config.max_model_len
@@ -442,6 +468,9 @@ class Engine:
             if params.stop:
                 text, stop_string_found = self._hold_back_stop_strings(request, text)
                 finish_reason = "stop" if stop_string_found else None
+        if finish_reason is None and params.constraint is not None and params.constraint.complete(
+                request.constraint_state):
+            finish_reason = "stop"  # the output is a whole match that no token can extend
         if finish_reason is None and (seq.num_output_tokens >= params.max_tokens
                                       or len(seq.token_ids) >= self.max_model_len):
             finish_reason = "length"
