@@ -36,18 +36,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir
+import onnxruntime
 import torch
 import torch.nn as nn
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from nanostack.atomic import atomic_dir, write_json
-from nanostack.checkpoint import load_checkpoint, read_config
+from nanostack.checkpoint import load_checkpoint, read_config, read_json
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.model import GPT, MoE, attention, swiglu
 from nanostack.onnx_runtime import FP32_GRAPH, GRAPH_FORMAT, INT8_GRAPH, OnnxDecoder, tokenizer_fingerprint
 from nanostack.tokenizer import Tokenizer
 
 MIN_OPSET = 18  # the first opset the dynamo exporter writes
+CHECK_PROMPT_TOKENS = 16  # the export's own check: a random prompt this long through ONNX Runtime and PyTorch
 INPUTS = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "past + seq"],
           "past_keys": ["n_layer", "batch", "past", "n_kv_head", "head_dim"],
           "past_values": ["n_layer", "batch", "past", "n_kv_head", "head_dim"]}
@@ -121,12 +123,12 @@ class DecoderWithPast(nn.Module):
         return model.lm_logits(x), torch.stack(cache.present_keys), torch.stack(cache.present_values)
 
 
-def example_inputs(model: GPT, batch: int = 2, seq_len: int = 3, past_len: int = 2) -> tuple:
-    """Inputs to trace with: every dynamic size >= 2, so that none is specialised to the 0 or 1 it may take later."""
+def example_inputs(model: GPT) -> tuple:
+    """Inputs to trace with: batch 2, 3 new tokens, a past of 2; every dynamic size >= 2, so that none is
+    specialised to the 0 or 1 it may take later."""
     n_layer, n_kv_head, head_dim = model.kv_layout()
-    past = torch.zeros(n_layer, batch, past_len, n_kv_head, head_dim)
-    ids = torch.zeros(batch, seq_len, dtype=torch.int64)
-    return ids, torch.ones(batch, past_len + seq_len, dtype=torch.int64), past, past.clone()
+    past = torch.zeros(n_layer, 2, 2, n_kv_head, head_dim)  # (n_layer, B, P, n_kv_head, hd)
+    return torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 5, dtype=torch.int64), past, past.clone()
 
 
 def export_onnx(model: GPT, tokenizer: Tokenizer, out_dir, *, opset: int = MIN_OPSET, int8: bool = True,
@@ -159,19 +161,35 @@ def export_onnx(model: GPT, tokenizer: Tokenizer, out_dir, *, opset: int = MIN_O
                 "source": source}
     program.model.metadata_props.update(metadata)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:  # nothing is published unless ONNX Runtime runs the graph
         program.save(tmp / FP32_GRAPH)
+        tokenizer.save(tmp / "tokenizer.json")  # a Hugging Face tokenizer writes its companion files too
+        tokenizer_files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".json")
+        prompt_tokens = min(CHECK_PROMPT_TOKENS, model.config.max_seq_len)
+        check = {"prompt_tokens": prompt_tokens,
+                 "max_logits_difference": check_against_pytorch(model, tmp, opset, prompt_tokens)}
         graphs = {"fp32": FP32_GRAPH}
         if int8:
             quantize_int8(tmp / FP32_GRAPH, tmp / INT8_GRAPH)
             graphs["int8"] = INT8_GRAPH
-        tokenizer.save(tmp / "tokenizer.json")  # a Hugging Face tokenizer writes its companion files too
-        tokenizer_files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".json")
         write_json(tmp / "onnx_config.json", {
             "graphs": graphs, "opset": opset, "inputs": INPUTS, "outputs": OUTPUTS, "metadata": metadata,
             "model": dataclasses.asdict(model.config), "tokenizer_files": tokenizer_files,
-            "torch": torch.__version__, "onnx": onnx.__version__})
+            "check_against_pytorch": check, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__})
     return out_dir
+
+
+def check_against_pytorch(model: GPT, directory: Path, opset: int, prompt_tokens: int) -> float:
+    """Max |logits difference| between the fp32 graph in ONNX Runtime and PyTorch on a random prompt."""
+    try:
+        decoder = OnnxDecoder(directory)
+    except ValueError as error:  # e.g. an opset newer than this ONNX Runtime runs
+        raise ValueError(f"{error} (the graph has opset {opset}; --opset {MIN_OPSET} is known to work)") from None
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids)[0].numpy()
+    return float(np.abs(decoder.logits([ids[0].tolist()])[0] - expected).max())
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
@@ -199,15 +217,6 @@ class ExportConfig:
     int8: bool = True               # also write model.int8.onnx (ONNX Runtime's dynamic int8 quantization)
 
 
-def check_against_pytorch(model: GPT, out_dir: Path, prompt_len: int = 16) -> float:
-    """Max |logits difference| between the exported fp32 graph in ONNX Runtime and PyTorch on a random prompt."""
-    ids = torch.randint(0, model.config.vocab_size, (1, min(prompt_len, model.config.max_seq_len)),
-                        generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(ids)[0].numpy()
-    return float(np.abs(OnnxDecoder(out_dir).logits([ids[0].tolist()])[0] - expected).max())
-
-
 def main(argv=None) -> int:
     logging.disable(logging.WARNING)  # the exporter's and the quantizer's notes are not the user's to act on
     parser = make_parser(__doc__, prog="python -m nanostack.onnx_export")
@@ -227,8 +236,9 @@ def main(argv=None) -> int:
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(out.glob("*.onnx*")))
     print(f"exported {loaded['directory']} to {out} in {time.perf_counter() - start:.0f} s (opset {config.opset}): "
           f"{sizes}")
-    print(f"ONNX Runtime fp32 vs PyTorch on a 16-token prompt: max |logits difference| "
-          f"{check_against_pytorch(model, out):.2e}")
+    check = read_json(out / "onnx_config.json")["check_against_pytorch"]
+    print(f"ONNX Runtime fp32 vs PyTorch on a {check['prompt_tokens']}-token prompt: max |logits difference| "
+          f"{check['max_logits_difference']:.2e}")
     print(f"run it: python -m nanostack.onnx_runtime --model {out} --prompt \"def \"")
     return 0
 

@@ -61,12 +61,18 @@ class OnnxDecoder:
         self.graph = resolve_graph(path)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0 = ONNX Runtime's choice (one per physical core)
-        self.session = onnxruntime.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # ONNX Runtime's errors (InvalidProtobuf, Fail, ...) derive from Exception only
+            raise ValueError(f"ONNX Runtime {onnxruntime.__version__} cannot load {self.graph}: {error}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != GRAPH_FORMAT:
             raise ValueError(f"{self.graph} is not a graph of python -m nanostack.onnx_export (metadata format "
                              f"{meta.get('format')!r}, expected {GRAPH_FORMAT!r})")
         tokenizer_path = Path(tokenizer_path) if tokenizer_path else self.graph.parent / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise ValueError(f"no tokenizer at {tokenizer_path}: the export writes tokenizer.json beside the graphs; "
+                             f"pass --tokenizer with the tokenizer.json the model was exported with")
         self.tokenizer = Tokenizer.load(tokenizer_path)
         given = tokenizer_fingerprint(self.tokenizer)
         if given != meta["tokenizer_fingerprint"]:
@@ -112,7 +118,7 @@ class OnnxDecoder:
             logits, keys, values = self.step(ids, mask, keys, values)
             next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, rng)  # (B,)
             for row in np.flatnonzero(running):  # a stopped row still runs (the batch is one tensor), unread
-                if next_ids[row] in stop_ids:
+                if int(next_ids[row]) in stop_ids:
                     running[row] = False
                 else:
                     new_tokens[row].append(int(next_ids[row]))
