@@ -17,6 +17,8 @@ its CPU provider only (the onnxruntime package): there is no GPU half.
 """
 import argparse
 import dataclasses
+import importlib.metadata
+import logging
 import shutil
 import sys
 import time
@@ -47,7 +49,7 @@ class BenchConfig:
     speed_depth: int = 8             # the random-weight speed model: depth (width 64 * depth)
     prompt_tokens: int = 128         # prefill length
     decode_tokens: int = 64          # tokens generated per decode timing
-    repeats: int = 3                 # timed runs per variant (the median is kept)
+    repeats: int = 5                 # timed runs per variant (the median is kept)
     threads: int = 1                 # torch and ONNX Runtime intra-op threads (the same for both)
     out_dir: str = "out/bench_onnx"  # where the graphs and int8 checkpoints are written (relative to the repo root)
 
@@ -125,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, BenchConfig)
     config = dataclass_from_args(BenchConfig, parser.parse_args())
+    logging.disable(logging.WARNING)  # the exporter's and the quantizer's notes
     torch.set_num_threads(config.threads)
     out_dir = ROOT / config.out_dir
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -152,6 +155,7 @@ def main() -> None:
     write_result("bench_onnx", {
         "config": dataclasses.asdict(config), "model": str(directory), "machine": "shared CPU: other jobs ran "
         "alongside, so compare the ratios of one run, not the absolute tokens/s",
+        "versions": {name: importlib.metadata.version(name) for name in ("onnx", "onnxscript", "onnxruntime")},
         "int8_bpb_within_2_percent": abs(int8["bpb_increase"]) <= 0.02, "quality": quality, "speed": speed})
 
 

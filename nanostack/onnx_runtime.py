@@ -36,11 +36,12 @@ FP32_GRAPH, INT8_GRAPH = "model.onnx", "model.int8.onnx"
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """A short sha256 of what decides the token ids: the split pattern, each token's bytes and rank, the specials."""
-    digest = hashlib.sha256(tokenizer.pattern.encode())
+    """A short sha256 of what decides the token ids, whatever file format they came in: the split pattern and
+    normalizer, each token's bytes and rank, the ids of the ranks (Hugging Face's), the special tokens."""
+    digest = hashlib.sha256(json.dumps([tokenizer.pattern, tokenizer.normalizer, tokenizer.token_ids,
+                                        sorted(tokenizer.special_tokens.items())]).encode())
     for token, rank in sorted(tokenizer.mergeable_ranks.items(), key=lambda item: item[1]):
         digest.update(rank.to_bytes(4, "little") + len(token).to_bytes(4, "little") + token)
-    digest.update(json.dumps(sorted(tokenizer.special_tokens.items())).encode())
     return digest.hexdigest()[:16]
 
 
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
     decoder = OnnxDecoder(config.model, config.tokenizer or None, config.threads)
     tokenizer = decoder.tokenizer
     if config.chat:
-        prompt, _ = tokenizer.render_chat([{"role": "user", "content": config.prompt}], add_generation_prompt=True)
+        prompt = tokenizer.render_prompt([{"role": "user", "content": config.prompt}])
     else:  # as every training document started
         prompt = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + tokenizer.encode(config.prompt)
     start = time.perf_counter()

@@ -42,9 +42,13 @@ def exported(request, tokenizer, tmp_path_factory):
     """(family, the model as load_checkpoint gives it, an OnnxDecoder over its fp32 graph, the export directory)."""
     root = tmp_path_factory.mktemp(request.param)
     build_hf_model(request.param).save_pretrained(root / "hf", safe_serialization=True)
-    tokenizer.save(root / "hf" / "tokenizer.json")
-    model = checkpoint.load_checkpoint(root / "hf")["model"].eval()
-    onnx_export.export_onnx(model, tokenizer, root / "onnx", int8=False,
+    if request.param == "qwen2":  # the tokenizer in Hugging Face's files (tokenizer.json, tokenizer_config.json, ...)
+        tokenizer.save_hf(root / "hf")
+    else:
+        tokenizer.save(root / "hf" / "tokenizer.json")
+    loaded = checkpoint.load_checkpoint(root / "hf")  # as the command line loads it
+    model = loaded["model"].eval()
+    onnx_export.export_onnx(model, loaded["tokenizer"], root / "onnx", int8=False,
                             tokenizer_source=str(root / "hf" / "tokenizer.json"))
     return request.param, model, onnx_runtime.OnnxDecoder(root / "onnx"), root / "onnx"
 
@@ -115,6 +119,19 @@ def test_int8_graph_keeps_the_router_and_quantizes_every_expert_per_channel(expo
     assert np.median(np.abs(full - rounded).max(-1)) < 0.1 * np.abs(full).max()
 
 
+def test_the_tokenizer_files_travel_with_the_graph_and_the_runner_chats(exported, capsys):
+    name, _, decoder, directory = exported
+    source = Tokenizer.load(directory.parent / "hf" / "tokenizer.json")
+    assert onnx_runtime.tokenizer_fingerprint(decoder.tokenizer) == onnx_runtime.tokenizer_fingerprint(source)
+    files = json.loads((directory / "onnx_config.json").read_text())["tokenizer_files"]
+    hf_files = ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert files == (hf_files if name == "qwen2" else ["tokenizer.json"])
+    assert onnx_runtime.main(["--model", str(directory), "--chat", "true", "--prompt", "hi", "--max-tokens", "6"]) == 0
+    prompt = source.render_prompt([{"role": "user", "content": "hi"}])
+    expected = decoder.generate([prompt], 6, stop_ids=source.stop_ids)[0]  # greedy: the same tokens
+    assert capsys.readouterr().out == source.decode(expected) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The numpy sampler, and what is refused
 
@@ -143,7 +160,7 @@ def test_a_graph_with_another_tokenizer_is_refused_naming_both(exported, tmp_pat
     _, _, decoder, directory = exported
     other = Tokenizer.train([TINY_CORPUS[::-1]], vocab_size=330, num_workers=1)
     other.save(tmp_path / "tokenizer.json")
-    message = (rf"{directory}/model.onnx was exported with tokenizer 'nanostack' \(vocab_size 320, fingerprint "
+    message = (rf"{directory}/model.onnx was exported with tokenizer '\w+' \(vocab_size 320, fingerprint "
                rf"{onnx_runtime.tokenizer_fingerprint(decoder.tokenizer)}, from .*hf/tokenizer.json\), but "
                rf"{tmp_path}/tokenizer.json is tokenizer 'nanostack' \(vocab_size 330, fingerprint "
                rf"{onnx_runtime.tokenizer_fingerprint(other)}\)")
