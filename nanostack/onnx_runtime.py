@@ -96,9 +96,16 @@ class OnnxDecoder:
         n_layer, n_kv_head, head_dim = self.kv_shape
         return np.zeros((n_layer, batch, 0, n_kv_head, head_dim), dtype=np.float32)
 
+    def check_length(self, prompt_len: int, max_new_tokens: int = 0) -> None:
+        """Raise a ValueError if the positions would pass the model's max_seq_len (the end of its RoPE tables)."""
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"a {prompt_len}-token prompt + {max_new_tokens} new tokens exceeds the model's "
+                             f"max_seq_len={self.max_seq_len}; shorten the prompt or lower --max-tokens")
+
     def logits(self, prompts: list[list[int]]) -> list[np.ndarray]:
         """Logits (len(prompt), vocab) of every position of each prompt, all prompts in one left-padded batch."""
         ids, mask = left_pad(prompts)
+        self.check_length(ids.shape[1])
         logits = self.step(ids, mask, self.empty_past(len(prompts)), self.empty_past(len(prompts)))[0]
         return [row[ids.shape[1] - len(prompt):] for row, prompt in zip(logits, prompts)]
 
@@ -106,13 +113,10 @@ class OnnxDecoder:
                  top_p: float = 1.0, seed: int | None = None, stop_ids=()) -> list[list[int]]:
         """The new tokens of each prompt (one batch, left-padded), up to max_new_tokens or to the first of
         stop_ids (not included); temperature 0 is greedy."""
-        longest = max(len(prompt) for prompt in prompts)
-        if longest + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"a {longest}-token prompt + {max_new_tokens} new tokens exceeds the model's "
-                             f"max_seq_len={self.max_seq_len}; shorten the prompt or lower --max-tokens")
+        ids, mask = left_pad(prompts)
+        self.check_length(ids.shape[1], max_new_tokens)
         check_sampling(temperature, top_k, top_p)
         rng = np.random.default_rng(seed)
-        ids, mask = left_pad(prompts)
         keys = values = self.empty_past(len(prompts))
         new_tokens, running = [[] for _ in prompts], np.ones(len(prompts), dtype=bool)
         for _ in range(max_new_tokens):
