@@ -71,7 +71,8 @@ def variants(model: GPT, tokenizer, directory: Path, threads: int) -> dict:
     for mode in ("int8-wo", "w8a8"):
         int8 = quant.quantize_model(quant.copy_model(model), mode).eval()
         quant.save_quantized(int8, tokenizer, directory / mode)
-        found[f"pytorch {mode} (quant.py)"] = torch_variant(int8, (directory / mode / "model.safetensors").stat().st_size)
+        int8_bytes = (directory / mode / "model.safetensors").stat().st_size
+        found[f"pytorch {mode} (quant.py)"] = torch_variant(int8, int8_bytes)
     onnx_export.export_onnx(model, tokenizer, directory)
     found["onnxruntime fp32"] = onnx_variant(onnx_runtime.FP32_GRAPH)
     found["onnxruntime int8"] = onnx_variant(onnx_runtime.INT8_GRAPH)
