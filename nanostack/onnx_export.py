@@ -22,9 +22,10 @@ the step's K/V to the past and attends under the attention mask. Two parts are t
   experts (a dense "every expert, gated" graph would do n_expert / k times the work). The routing itself is the
   model's (MoE.route).
 
-The exporter is torch.onnx's dynamo one (torch.export, then onnxscript): it is torch's default and its only
-maintained path, it handles data-dependent sizes such as nonzero's, and the past length may be 0 with the same
-graph. The dynamic axes are the batch, the new tokens (seq) and the past.
+The exporter is torch.onnx's dynamo one (torch.export, then onnxscript): it is torch's default (the TorchScript
+exporter is deprecated), it handles data-dependent sizes such as nonzero's, and named dynamic axes make it refuse,
+rather than silently bake in, code that would fix one. The dynamic axes are the batch, the new tokens (seq) and
+the past, whose length may be 0 in the same graph.
 """
 import dataclasses
 import logging
@@ -213,7 +214,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
 class ExportConfig:
     model: str = "out/pretrain"     # checkpoint (or run) directory, or a Hugging Face model directory, to export
     out: str = "out/onnx"           # output directory: model.onnx, model.int8.onnx, tokenizer, onnx_config.json
-    opset: int = MIN_OPSET          # ONNX opset of the graphs (18 or newer)
+    opset: int = MIN_OPSET          # ONNX opset of the graphs: 18 and up (the export checks ONNX Runtime runs it)
     int8: bool = True               # also write model.int8.onnx (ONNX Runtime's dynamic int8 quantization)
 
 
@@ -228,8 +229,8 @@ def main(argv=None) -> int:
                          f"export its full-precision source ({raw['quantization'].get('source')}); "
                          f"--int8 true writes ONNX Runtime's int8 graph beside the fp32 one")
     loaded = load_checkpoint(config.model)
-    model, tokenizer_path = loaded["model"].eval(), loaded["directory"] / loaded["raw_config"].get("tokenizer",
-                                                                                                   "tokenizer.json")
+    model = loaded["model"].eval()
+    tokenizer_path = loaded["directory"] / loaded["raw_config"].get("tokenizer", "tokenizer.json")
     start = time.perf_counter()
     out = export_onnx(model, loaded["tokenizer"], config.out, opset=config.opset, int8=config.int8,
                       source=str(loaded["directory"]), tokenizer_source=str(tokenizer_path))
