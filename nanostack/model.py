@@ -206,7 +206,8 @@ def attention(q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0) ->
         raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must be (batch, key length) = {(batch, k_len)}")
     if window and not causal:
         raise ValueError(f"a sliding window ({window}) needs causal attention")
-    window = window if k_len > window else 0  # a window as long as every key masks nothing
+    # A window as long as every key masks nothing; an export keeps it, as its key length is not fixed yet.
+    window = window if torch.compiler.is_exporting() or k_len > window else 0
     # The Triton kernel has no document or window masks: those fall back to SDPA with an explicit mask.
     if USE_FLASH_KERNEL and q.is_cuda and doc_ids is None and not window:
         from kernels.flash_attention import flash_attention  # Triton: imported only where it can run
@@ -443,8 +444,9 @@ class MoE(nn.Module):
         self.aux_loss = None     # scalar, set by forward: weighted balance + z loss
         self.expert_load = None  # (n_expert,), set by forward: share of routed (token, slot) pairs per expert
 
-    def forward(self, x):
-        x_flat = x.reshape(-1, x.shape[-1])  # (N, n_embd)
+    def route(self, x_flat):
+        """x_flat (N, n_embd) -> router logits and probabilities (N, n_expert) in fp32 (or wider), and each
+        token's top-k gates and experts (N, k). Separate from the dispatch so the ONNX export routes the same way."""
         router_logits = self.router(x_flat)  # (N, n_expert)
         router_logits = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
         router_probs = router_logits.softmax(dim=-1)
@@ -452,6 +454,11 @@ class MoE(nn.Module):
         gates, chosen = router_probs.topk(self.n_active, dim=-1)  # (N, k) each
         if self.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
+        return router_logits, router_probs, gates, chosen
+
+    def forward(self, x):
+        x_flat = x.reshape(-1, x.shape[-1])  # (N, n_embd)
+        router_logits, router_probs, gates, chosen = self.route(x_flat)
 
         # Dropless dispatch: sort the N*k (token, slot) assignments by expert so each expert runs one matmul
         # on a contiguous slice, then scatter-add the gated outputs back to their tokens.

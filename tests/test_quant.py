@@ -475,40 +475,7 @@ def test_load_for_serving_reads_plain_checkpoints(tmp_path, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A briefly trained model: quality report and command line
-
-def corpus_documents():
-    """Python source from a few standard-library modules, cut into named ~1.5 kB documents."""
-    import argparse
-    import json as json_module
-    import string
-    sources = [inspect.getsource(m) for m in (textwrap, argparse, string, json_module.encoder, json_module.decoder)]
-    text = "\n".join(sources)
-    return [data.Document(f"doc{i}", text[start:start + 1500]) for i, start in enumerate(range(0, len(text), 1500))]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-layer model trained for 120 steps on stdlib source, its checkpoint and token shards."""
-    root = tmp_path_factory.mktemp("trained")
-    documents = corpus_documents()
-    tokenizer = Tokenizer.train([doc.text for doc in documents], 400)
-    data.prepare_tokens(documents, tokenizer, root / "data", val_fraction=0.15)
-    torch.manual_seed(0)
-    model = GPT(tiny_config(vocab_size=tokenizer.vocab_size, n_kv_head=4))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = data.BatchLoader(data.TokenShards(root / "data", "train"), 8, 64, seed=0)
-    for _ in range(120):
-        inputs, targets = loader.next_batch()
-        loss = model(inputs, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    checkpoint.save_checkpoint(root / "model", model.state_dict(), model.config, tokenizer)
-    return {"model": model, "tokenizer": tokenizer, "data": root / "data", "checkpoint": root / "model",
-            "root": root}
-
+# A briefly trained model (conftest.py's `trained`): quality report and command line
 
 def test_report_on_a_trained_model_stays_close_to_full_precision(trained):
     model, tokenizer = trained["model"], trained["tokenizer"]
