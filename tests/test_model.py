@@ -12,8 +12,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from nanostack import model as model_module
-from nanostack.model import (GPT, KVCache, MoE, MLP, ModelConfig, RMSNorm, apply_rope, attention,
-                             default_learning_rate, positions_in_documents, rope_cos_sin)
+from nanostack.model import (GPT, KVCache, MoE, MLP, ModelConfig, RMSNorm, attention, default_learning_rate,
+                             positions_in_documents)
+from nanostack.rope import apply_rope, rope_cos_sin
 from nanostack.sampling import SamplingParams, sample
 
 VOCAB = 61
