@@ -1,17 +1,19 @@
 """The flash attention forward for Hopper (sm_90): TMA loads and QK^T overlapped with the softmax.
 
 Same math, layouts and outputs as the forward in flash_attention.py (read that first); that kernel stays the
-path for sm_80, for fp32 and for the backward. On an H100 it runs near FlashAttention-2 speed: every `tl.dot`
+path for sm_80, for fp32, for layouts TMA cannot read and for the backward. On an H100 that kernel runs near
+FlashAttention-2 speed: every `tl.dot`
 lowers to Hopper's asynchronous `wgmma`, but the kernel waits for each one before using its result, so the
 tensor cores idle while the warps compute exponentials, and the softmax's exp2 throughput, not the tensor
 cores, sets the pace. Two changes here, both expressible in Triton 3.9:
 
-1. TMA loads. K and V tiles come through tensor descriptors (2-D views (tokens, heads x D) of the packed
+1. TMA loads. Q, K and V tiles come through tensor descriptors (2-D views (tokens, heads x D) of the packed
    tensors), which on sm_90 lower to `cp.async.bulk.tensor`: one thread issues a whole tile copy into shared
    memory, the hardware computes the addresses and signals an mbarrier when it lands. Triton's pipeliner keeps
-   `num_stages` tiles in flight. A tile may run past its sequence into the next one (or into the zero fill
-   past the tensor's end); those keys are masked like the tail of any sequence, and output rows are stored
-   with a masked pointer store, never a TMA store that could write another sequence's rows.
+   `num_stages` K/V tiles in flight. A tile may run past its sequence into the next one (or into the zero fill
+   past the tensor's end): those query rows are never stored, those keys are masked like the tail of any
+   sequence, and output rows go out through a masked pointer store, never a TMA store that could write another
+   sequence's rows.
 
 2. QK^T one block ahead. The key loop is software-pipelined by hand: iteration j first runs P_{j-1} V_{j-1}
    (the accumulator needs it, so the kernel waits for it), then issues S_{j+1} = Q K_{j+1}^T and, while the
@@ -22,10 +24,10 @@ cores, sets the pace. Two changes here, both expressible in Triton 3.9:
    and exp2 instructions between a wgmma commit and the wait for it.
 
 Not used: `tl.range(..., warp_specialize=True)`. Triton 3.9's Hopper warp specialisation does split the plain
-loop into a TMA producer warpgroup and two consumer warpgroups of 64 query rows each (the "ping-pong" between
-two Q tiles), but each consumer then still waits for every wgmma before its softmax, and the pass fails
-(WSDataPartition: UNREACHABLE) on the pipelined loop above, so one cannot have both; the overlap above is the
-one the compiled code can show. The pipelining costs one extra QK^T per key range (block hi, discarded).
+loop (with descriptors made in the kernel) into a TMA producer warpgroup and two consumer warpgroups of 64
+query rows each, the "ping-pong" between two Q tiles; but each consumer then still waits for every wgmma
+before its softmax, and the pass fails (WSDataPartition: UNREACHABLE) on the pipelined loop above, so one
+cannot have both; the overlap above is the one the compiled code shows. The pipelining costs one extra QK^T per key range (block hi, discarded).
 """
 
 import torch

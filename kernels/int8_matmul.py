@@ -115,7 +115,9 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return rows, cols, rows % M, cols % N
 
 
-# Only the autotuner reads M_BUCKET: keying on the exact M would re-tune for every decode batch size.
+# The autotune key, decided: N and K are fixed per projection, and M enters only as a bucket (only the autotuner
+# reads M_BUCKET), so a model tunes once per projection shape and bucket, not at every new batch size. Serving
+# meets new buckets as its batch grows; decode's many sizes up to 16 rows share one (see _m_bucket).
 @triton.autotune(configs=_INT8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_SCALES"], prune_configs_by=_PRUNE)
 @triton.jit
 def _int8_matmul_kernel(A, B, C, AScale, BScale, M, N, K, M_BUCKET,
@@ -191,8 +193,8 @@ def dot_dtype_and_precision(dtype: torch.dtype):
 
 
 def _m_bucket(m: int) -> int:
-    """Power-of-two bucket of M for the autotune key: decode sizes 1..16 share few tunings."""
-    return 1 << max(m - 1, 0).bit_length()
+    """Power-of-two bucket of M for the autotune key; every M up to 16 fits one 16-row tile, so they share one."""
+    return max(16, 1 << max(m - 1, 0).bit_length())
 
 
 def int8_matmul(a, b, a_scale=None, b_scale=None, *, out_dtype=torch.int32):

@@ -155,9 +155,11 @@ def _merge_splits_kernel(PartialOut, PartialLse, Out, num_splits,
     dim_ok = offs_d < HEAD_DIM
     lse = tl.load(PartialLse + seq * stride_lse_s + head * stride_lse_h + splits,
                   mask=split_ok, other=float("-inf"))  # (SPLITS_PAD,)
-    # An empty split (lse = -inf) gets weight 0. Split 0 holds the first token, so the max is finite unless the
-    # sequence has no tokens at all (context length 0, a padding slot): then every weight is 0 and out is 0.
-    weights = tl.where(lse > float("-inf"), tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    # An empty split (lse = -inf) gets weight exp2(-inf) = 0. Split 0 holds the first token, so the max is finite
+    # unless the sequence has no tokens at all (context length 0, a padding slot): then subtracting 0 instead of
+    # -inf keeps every weight 0 (not NaN), and out is 0.
+    max_lse = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(max_lse > float("-inf"), max_lse, 0.0))
     partial = tl.load(PartialOut + seq * stride_part_s + head * stride_part_h + splits[:, None] * stride_part_split
                       + offs_d[None, :], mask=split_ok[:, None] & dim_ok[None, :], other=0.0)  # (SPLITS_PAD, D_PAD)
     total = tl.sum(weights, 0)

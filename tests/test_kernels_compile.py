@@ -125,7 +125,7 @@ def _hopper_launches(module, arch):
                             GROUP_SIZE=HEADS // KV_HEADS, HEAD_DIM=head_dim, CAUSAL=causal)
                 yield Launch(f"hopper D={head_dim} {str(dtype)[6:]} causal={causal}", args,
                              dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages),
-                             full_only=head_dim < 64 or dtype == torch.float16 or not causal)
+                             full_only=head_dim == 16 or dtype == torch.float16 or not causal)
 
 
 def _paged_launches(module, arch):
@@ -149,7 +149,7 @@ def _paged_launches(module, arch):
                             SPLIT=split, DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision)
                 yield Launch(f"paged D={head_dim} {str(dtype)[6:]} split={split}", args,
                              module.kernel_config(head_dim_pad, dtype),
-                             full_only=head_dim == 64 or dtype == torch.float16 or not split,
+                             full_only=dtype == torch.float16 or not split or (head_dim, dtype) == (64, torch.bfloat16),
                              no_wgmma="16 query rows (a GQA group, padded): wgmma needs 64 rows per warpgroup, and "
                                       "decode is bound by reading K/V, not by the dot")
 
@@ -164,10 +164,8 @@ def _merge_launches(module, arch):
                      no_wgmma="no tl.dot (a weighted sum)")
 
 
-def _matmul_no_wgmma(config, dot_precision):
+def _matmul_no_wgmma(config):
     """Why a matmul tile cannot use wgmma, or None."""
-    if dot_precision == "ieee":
-        return "fp32 in full precision (input_precision='ieee') runs on FMA units, not tensor cores"
     if config.kwargs["BLOCK_M"] < 64:
         return "BLOCK_M < 64: a warpgroup's wgmma covers 64 rows; small-M (decode) tiles use mma.sync, and they " \
                "are bound by reading the weights anyway"
@@ -182,7 +180,7 @@ def _int8_launches(module, arch):
                         M=TOKENS, N=TOKENS, K=TOKENS, M_BUCKET=TOKENS, stride_am=TOKENS, stride_ak=1,
                         stride_bn=TOKENS, stride_bk=1, stride_cm=TOKENS, stride_cn=1, HAS_SCALES=has_scales)
             yield Launch(f"int8 {str(out_dtype)[6:]} {_config_label(config)}", args, _config_dict(config),
-                         full_only=out_dtype != torch.bfloat16, no_wgmma=_matmul_no_wgmma(config, "tf32"))
+                         full_only=out_dtype != torch.bfloat16, no_wgmma=_matmul_no_wgmma(config))
 
 
 def _w8a16_launches(module, arch):
@@ -196,7 +194,7 @@ def _w8a16_launches(module, arch):
                             DOT_PRECISION=dot_precision)
                 yield Launch(f"w8a16 {str(dtype)[6:]} bias={has_bias} {_config_label(config)}", args,
                              _config_dict(config), full_only=dtype == torch.float16 or not has_bias,
-                             no_wgmma=_matmul_no_wgmma(config, dot_precision))
+                             no_wgmma=_matmul_no_wgmma(config))
 
 
 def _config_dict(config):
@@ -357,10 +355,11 @@ def test_main_dot_lowers_to_wgmma_on_sm90(compiled, name):
     assert not missing, f"no wgmma in: {missing}"
 
 
-def test_hopper_forward_has_tma_and_exponentials_during_wgmma(compiled):
+@pytest.mark.parametrize("name", [name for name, check in CHECKS.items() if check.hopper_pipeline])
+def test_hopper_pipeline_has_tma_and_exponentials_during_wgmma(compiled, name):
     results, _ = compiled
-    hopper = [result for _, _, _, result in results["flash_attention_hopper._hopper_fwd_kernel"]]
-    assert hopper and all(result["tma"] > 0 and result["exp2_during_wgmma"] > 0 for result in hopper), hopper
+    hopper = [(label, result) for _, label, _, result in results[name]]
+    assert hopper and all(result["tma"] > 0 and result["exp2_during_wgmma"] > 0 for _, result in hopper), hopper
     # The check can fail: the sm_80 forward compiled for sm_90 waits for every wgmma before its softmax.
     plain = [result for arch, _, _, result in results["flash_attention._attn_fwd_kernel"] if arch == 90]
     assert plain and all(result["exp2_during_wgmma"] == 0 and result["tma"] == 0 for result in plain)
