@@ -24,6 +24,16 @@ TINY_CORPUS = ("The quick brown fox jumps over the lazy dog. "
                "Grüße aus Köln! Ça va très bien. 你好，世界。 Emoji: 🙂🚀✨ — naïve café déjà vu.\n") * 4
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where there is no GPU (`pytest -m cuda` selects them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for the module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
