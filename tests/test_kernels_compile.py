@@ -164,6 +164,16 @@ def _merge_launches(module, arch):
                      no_wgmma="no tl.dot (a weighted sum)")
 
 
+def _write_kv_launches(module, arch):
+    # One token's K (or V) row is n_kv_head * head_dim values: 8 x 128 as the model launches, and a padded 8 x 96.
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        for row in (1024, 768):
+            args = dict(K=dtype, V=dtype, KCache=dtype, VCache=dtype, SlotMapping=torch.int32, stride_k=row,
+                        stride_v=row, ROW=row, ROW_PAD=1024)  # triton.next_power_of_2(row), as the launcher
+            yield Launch(f"write_kv {dtype} row={row}", args, dict(num_warps=4, num_stages=3),
+                         full_only=dtype == torch.float16 or row != 1024, no_wgmma="no tl.dot (a copy)")
+
+
 def _matmul_no_wgmma(config):
     """Why a matmul tile cannot use wgmma, or None."""
     if config.kwargs["BLOCK_M"] < 64:
@@ -219,6 +229,7 @@ KERNELS = [
                 archs=(90,)),
     KernelCheck("kernels.paged_attention", "_paged_decode_kernel", _paged_launches),
     KernelCheck("kernels.paged_attention", "_merge_splits_kernel", _merge_launches),
+    KernelCheck("kernels.paged_attention", "_write_kv_kernel", _write_kv_launches),
     KernelCheck("kernels.int8_matmul", "_int8_matmul_kernel", _int8_launches),
     KernelCheck("kernels.int8_matmul", "_w8a16_matmul_kernel", _w8a16_launches),
 ]
