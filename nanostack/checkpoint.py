@@ -238,7 +238,7 @@ def load_checkpoint(path, device="cpu", *, verify: bool = True) -> dict:
     config, raw = read_config(directory)
     if raw.get("quantization"):
         quantization = raw["quantization"]
-        raise CheckpointError(f"{directory} holds an int8-quantized model (mode {quantization.get('mode')}): serve it "
+        raise CheckpointError(f"{directory} holds a quantized model (mode {quantization.get('mode')}): serve it "
                               f"(python serve.py --model {directory}) but train or fine-tune its full-precision "
                               f"source instead ({quantization.get('source')})")
     if not (directory / "model.safetensors").exists():

@@ -17,6 +17,10 @@ projections can be targets too; the MoE experts' stacked weights cannot.
 
 In a training run (finetune.py) the loop's checkpoints hold this unmerged state dict plus the adapters'
 optimizer moments, which is what an exact resume needs; the merged model is written beside them for serving.
+
+QLoRA (Dettmers et al. 2023): the frozen base may be a 4-bit quant4.NF4Linear instead of an nn.Linear. It is
+kept as the `base` submodule and dequantized on each call; merging dequantizes it first (`dequantize_bases`),
+so the merged model is a plain full-precision one.
 """
 import json
 import math
@@ -29,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from nanostack import checkpoint
 from nanostack.atomic import atomic_dir
+from nanostack.quant4 import NF4Linear
 
 ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
 MLP_PROJECTIONS = ("w_gate", "w_up", "w_down")
@@ -41,28 +46,33 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear weight plus a trainable low-rank update (alpha / rank) * B A."""
+    """A frozen nn.Linear weight (or a frozen NF4Linear, QLoRA) plus a trainable low-rank update (alpha / rank) * B A."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free linears only (nanostack's model has no biases)")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
         self.scale = alpha / rank
-        self.weight = base.weight  # the same Parameter: the name and the state-dict key stay `weight`
-        self.weight.requires_grad_(False)
+        if isinstance(base, NF4Linear):
+            self.base = base  # QLoRA: dequantized on each call, never stored in full precision
+            device, dtype = base.weight_packed.device, torch.float32
+        else:
+            self.base = None
+            self.weight = base.weight  # the same Parameter: the name and the state-dict key stay `weight`
+            self.weight.requires_grad_(False)
+            device, dtype = base.weight.device, base.weight.dtype
         # Kaiming-uniform A, as nn.Linear initialises its weight, gives the update a sensible scale once B moves.
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device,
-                                               dtype=base.weight.dtype))
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device,
-                                               dtype=base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)  # (..., out) through (..., rank)
-        return F.linear(x, self.weight) + self.scale * update
+        frozen = F.linear(x, self.weight) if self.base is None else self.base(x)
+        return frozen + self.scale * update
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
@@ -97,7 +107,7 @@ def apply_lora(model: nn.Module, targets="qv", rank: int = 8, alpha: float = 16.
         for parent in (layer.attn, layer.mlp):
             for name in targets:
                 base = getattr(parent, name, None)
-                if isinstance(base, nn.Linear):
+                if isinstance(base, (nn.Linear, NF4Linear)):
                     setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
                     wrapped += 1
     if "lm_head" in targets:
@@ -141,11 +151,22 @@ def merge_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
 
 
 @torch.no_grad()
+def dequantize_bases(model: nn.Module) -> None:
+    """Give every adapter over a 4-bit base (QLoRA) that base dequantized, as a plain frozen `weight`, in place."""
+    for module in lora_modules(model).values():
+        if module.base is not None:
+            module.weight = nn.Parameter(module.base.dequantize(module.lora_a.dtype), requires_grad=False)
+            module.base = None
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight (W += (alpha / rank) B A), remove the adapters, unfreeze the model."""
+    """Fold every adapter into its weight (W += (alpha / rank) B A; a 4-bit base is dequantized first), remove the
+    adapters, unfreeze the model."""
     modules = lora_modules(model)
     if not modules:
         return model
+    dequantize_bases(model)
     settings = lora_config(model)
     merged = merge_state_dict(model.state_dict(), settings["alpha"] / settings["rank"])
     for name, module in modules.items():
