@@ -19,8 +19,8 @@ In a training run (finetune.py) the loop's checkpoints hold this unmerged state 
 optimizer moments, which is what an exact resume needs; the merged model is written beside them for serving.
 
 QLoRA (Dettmers et al. 2023): the frozen base may be a 4-bit quant4.NF4Linear instead of an nn.Linear. It is
-kept as the `base` submodule and dequantized on each call; merging dequantizes it first (`dequantize_bases`),
-so the merged model is a plain full-precision one.
+kept as the `base` submodule and dequantized on each call; merging dequantizes it first (`dequantize_bases`, which
+also turns the base's unadapted NF4 layers back into nn.Linear), so the merged model is a plain full-precision one.
 """
 import json
 import math
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from nanostack import checkpoint
 from nanostack.atomic import atomic_dir
+from nanostack.quant import _set_module
 from nanostack.quant4 import NF4Linear
 
 ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
@@ -57,7 +58,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         if isinstance(base, NF4Linear):
             self.base = base  # QLoRA: dequantized on each call, never stored in full precision
-            device, dtype = base.weight_packed.device, torch.float32
+            device, dtype = base.weight_packed.device, base.dtype
         else:
             self.base = None
             self.weight = base.weight  # the same Parameter: the name and the state-dict key stay `weight`
@@ -152,11 +153,14 @@ def merge_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
 
 @torch.no_grad()
 def dequantize_bases(model: nn.Module) -> None:
-    """Give every adapter over a 4-bit base (QLoRA) that base dequantized, as a plain frozen `weight`, in place."""
+    """QLoRA's 4-bit base back in full precision, in place: every adapter's NF4 base becomes its plain frozen
+    `weight`, every other NF4Linear an nn.Linear."""
     for module in lora_modules(model).values():
         if module.base is not None:
-            module.weight = nn.Parameter(module.base.dequantize(module.lora_a.dtype), requires_grad=False)
-            module.base = None
+            module.weight, module.base = module.base.to_linear().weight, None
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            _set_module(model, name, module.to_linear())
 
 
 @torch.no_grad()

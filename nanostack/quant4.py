@@ -281,11 +281,14 @@ class _DequantizedLinear(torch.autograd.Function):
 
 
 class NF4Linear(nn.Module):
-    """A frozen NF4 stand-in for an nn.Linear (QLoRA's base): dequantized per call, in forward and backward."""
+    """A frozen NF4 stand-in for an nn.Linear (QLoRA's base): dequantized per call, in forward and backward.
+    `dtype` is the dtype of the weight it stands for, what `dequantize` and `to_linear` return by default."""
 
-    def __init__(self, in_features: int, out_features: int, double_quant: bool = True, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, double_quant: bool = True, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.double_quant = in_features, out_features, double_quant
+        self.dtype = dtype
         blocks = math.ceil(in_features / NF4_BLOCK)
         self.register_buffer("weight_packed", torch.zeros(out_features, blocks * NF4_BLOCK // 2, dtype=torch.uint8))
         if double_quant:
@@ -299,7 +302,7 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, double_quant: bool = True) -> "NF4Linear":
         """Quantize linear's weight to NF4 (its bias, if any, is kept as it is)."""
-        module = cls(linear.in_features, linear.out_features, double_quant, linear.bias is not None)
+        module = cls(linear.in_features, linear.out_features, double_quant, linear.bias is not None, linear.weight.dtype)
         module.to(linear.weight.device)
         for name, tensor in quantize_nf4(linear.weight, double_quant).items():
             setattr(module, name, tensor)
@@ -307,10 +310,19 @@ class NF4Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The (out, in) weight in `dtype`."""
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight in `dtype` (default: self.dtype)."""
         tensors = {name: buffer for name, buffer in self.named_buffers() if buffer is not None and name != "bias"}
-        return dequantize_nf4(tensors)[:, :self.in_features].to(dtype)
+        return dequantize_nf4(tensors)[:, :self.in_features].to(dtype or self.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """A frozen nn.Linear holding the dequantized weight (and the bias)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight_packed.device, dtype=self.dtype)
+        linear.weight.data = self.dequantize()
+        if self.bias is not None:
+            linear.bias.data = self.bias.to(self.dtype)
+        return linear.requires_grad_(False)
 
     def forward(self, x):
         return _DequantizedLinear.apply(x, self)
