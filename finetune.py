@@ -68,7 +68,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0       # dropout on the adapters' input
     lora_targets: str = "qv"        # qv | attn | all | a comma list of wq,wk,wv,wo,w_gate,w_up,w_down,lm_head
     merge_lora: bool = True         # write the adapters merged into a plain checkpoint for serving
-    base_quant: str = ""            # nf4 = QLoRA: the frozen base in 4-bit NormalFloat (with --lora-rank); empty = as loaded
+    base_quant: str = ""            # nf4 = QLoRA: the frozen base in 4-bit NormalFloat (needs --lora-rank); empty = off
     qat: str = ""                   # w8a8 | int4: quantization-aware full fine-tuning for that PTQ mode; empty = off
     qat_group_size: int = 128       # --qat int4: input channels per scale and zero point
     teacher: str = ""               # distill: teacher checkpoint (must use the student's tokenizer)

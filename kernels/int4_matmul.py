@@ -17,9 +17,17 @@ registers, and runs two tensor-core dots: x's even columns with the low nibbles 
 high ones (no interleaving shuffle). A full-precision copy of W never exists in memory. The scale cannot be
 pulled out of the sum over K as in the int8 kernels, since it changes every G columns.
 
+Split-K. At decode sizes there are too few output tiles to keep every SM streaming weights (N = 1024 in
+32-wide tiles is 32 programs for an H100's 132 SMs), and a single program per SM has too few bytes in flight
+to approach the memory bandwidth. So small M splits the K range over SPLIT_K programs per tile (`_split_k`:
+about four programs per SM, each at least four K steps long); each writes an fp32 partial tile, and the
+partials are summed in a fixed order afterwards, so results do not depend on scheduling.
+
 `int4_matmul_reference` is the same computation in plain torch (dequantize, then one matmul in fp32): the CPU
 path, and what the kernel is tested against.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -35,27 +43,32 @@ MAX_BLOCK_K = 32 if INTERPRET else 64
 # the launcher. Decode (M = 1..16) reads a quarter of the bf16 bytes per weight, so more bytes must be in flight
 # per SM to reach bandwidth: narrow BLOCK_N tiles (N / 32 programs fill the SMs at N >= 4096) and 4-5 stages.
 # The larger tiles are for prefill, where each dequantized tile is reused over more rows.
-_GPU_CONFIGS = [(16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 32, 1, 2, 5), (16, 128, 1, 4, 3), (64, 64, 8, 4, 3),
+_GPU_CONFIGS = [(16, 32, 1, 4, 4), (16, 64, 1, 4, 4), (16, 32, 1, 2, 5), (16, 128, 1, 4, 3), (64, 64, 8, 8, 3),
                 (64, 128, 8, 8, 3), (128, 64, 8, 8, 3)]
 _W4A16_CONFIGS = ([triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2})] if INTERPRET else
                   [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "GROUP_M": group}, num_warps=warps, num_stages=stages)
                    for m, n, group, warps, stages in _GPU_CONFIGS])
 
 
-@triton.autotune(configs=_W4A16_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "BLOCK_K", "HAS_BIAS"])
+@triton.autotune(configs=_W4A16_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "BLOCK_K", "SPLIT_K", "HAS_BIAS"])
 @triton.jit
 def _w4a16_matmul_kernel(X, W, Scale, Zero, Bias, C, M, N, K, M_BUCKET,
-                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_cm, stride_cn,
-                         GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = X @ dequantize(W)^T (+ bias): W read as packed 4-bit codes and dequantized per K step."""
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ck, stride_cm,
+                         stride_cn, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """C[split] = X[:, K range of split] @ dequantize(W)[:, K range]^T (+ bias), W read as packed 4-bit codes and
+    dequantized per K step; with SPLIT_K = 1 the range is all of K and C is the output."""
     rows, cols, rows_in, cols_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    split_len = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # whole K steps, so whole groups' steps
+    k_begin = split * split_len
     offs_byte = tl.arange(0, BLOCK_K // 2)
-    x_ptrs = X + rows_in[:, None] * stride_xm + (2 * offs_byte)[None, :] * stride_xk  # (BLOCK_M, BLOCK_K / 2): even k
-    w_ptrs = W + offs_byte[:, None] * stride_wk + cols_in[None, :] * stride_wn  # (BLOCK_K / 2, BLOCK_N): W transposed
+    # x's even columns (BLOCK_M, BLOCK_K / 2) and W's bytes transposed (BLOCK_K / 2, BLOCK_N), from k_begin on.
+    x_ptrs = X + rows_in[:, None] * stride_xm + (k_begin + 2 * offs_byte)[None, :] * stride_xk
+    w_ptrs = W + (k_begin // 2 + offs_byte)[:, None] * stride_wk + cols_in[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    for k_start in range(k_begin, tl.minimum(K, k_begin + split_len), BLOCK_K):
         even = 2 * offs_byte
         x_even = tl.load(x_ptrs, mask=(even < K - k_start)[None, :], other=0.0)
         x_odd = tl.load(x_ptrs + stride_xk, mask=(even + 1 < K - k_start)[None, :], other=0.0)
@@ -72,12 +85,29 @@ def _w4a16_matmul_kernel(X, W, Scale, Zero, Bias, C, M, N, K, M_BUCKET,
     if HAS_BIAS:
         acc += tl.load(Bias + cols_in).to(tl.float32)[None, :]
     store_mask = (rows[:, None] < M) & (cols[None, :] < N)
-    tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=store_mask)
+    c_ptrs = C + split * stride_ck + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=store_mask)
 
 
-def int4_matmul(x, packed, scale, zero, *, bias=None):
+@functools.lru_cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_k(M: int, N: int, K: int, block_k: int, device: torch.device) -> int:
+    """K splits for a (M, N, K) product: doubled while there are fewer than ~4 programs per SM (at 16 x 32 tiles)
+    and each split keeps at least 4 K steps; 1 for large M, which has output tiles enough."""
+    if INTERPRET or M > 64:
+        return 1
+    tiles, steps, split = triton.cdiv(M, 16) * triton.cdiv(N, 32), triton.cdiv(K, block_k), 1
+    while tiles * split < 4 * _sm_count(device.index or 0) and steps // (2 * split) >= 4:
+        split *= 2
+    return split
+
+
+def int4_matmul(x, packed, scale, zero, *, bias=None, split_k: int | None = None):
     """W4A16: x (M, K) fp16/bf16 @ dequantize(packed, scale, zero)[:, :K].T (+ bias) -> (M, N) in x.dtype (fp32 x
-    runs the reference)."""
+    runs the reference). split_k: programs per output tile along K; None picks it from the shape and the GPU."""
     group_size = _check_inputs(x, packed, scale, zero, bias)
     # fp32 activations have no tensor-core dot (an fp32 FMA tile spills registers): the reference serves them.
     if x.dtype not in KERNEL_DTYPES or not (x.is_cuda or INTERPRET):
@@ -89,12 +119,20 @@ def int4_matmul(x, packed, scale, zero, *, bias=None):
     if K == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.expand(M, N))
     dot_dtype, dot_precision = dot_dtype_and_precision(x.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _w4a16_matmul_kernel[grid](x, packed, scale, zero, out if bias is None else bias, out, M, N, K, _m_bucket(M),
+    block_k = min(group_size, MAX_BLOCK_K)
+    split_k = split_k or _split_k(M, N, K, block_k, x.device)
+    # Split, every program writes an fp32 partial tile: (split_k, M, N), summed below.
+    target = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
+    _w4a16_matmul_kernel[grid](x, packed, scale, zero, out if bias is None else bias, target, M, N, K, _m_bucket(M),
                                x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scale.stride(0),
-                               scale.stride(1), out.stride(0), out.stride(1), GROUP_SIZE=group_size,
-                               BLOCK_K=min(group_size, MAX_BLOCK_K), HAS_BIAS=bias is not None,
-                               DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision)
+                               scale.stride(1), target.stride(0) if split_k > 1 else 0, target.stride(-2),
+                               target.stride(-1), GROUP_SIZE=group_size, BLOCK_K=block_k, SPLIT_K=split_k,
+                               HAS_BIAS=bias is not None and split_k == 1, DOT_DTYPE=dot_dtype,
+                               DOT_PRECISION=dot_precision)
+    if split_k > 1:
+        summed = target.sum(0)  # (M, N)
+        out.copy_(summed if bias is None else summed + bias.float())
     return out
 
 

@@ -47,7 +47,7 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear weight (or a frozen NF4Linear, QLoRA) plus a trainable low-rank update (alpha / rank) * B A."""
+    """A frozen nn.Linear weight (or frozen NF4Linear, QLoRA) plus a trainable low-rank update (alpha / rank) * B A."""
 
     def __init__(self, base: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()

@@ -35,9 +35,10 @@ and it is stored once; it stays high precision if either name is in `skip`. (GPT
 `tok_emb.weight`, which Int8Embedding dequantizes on access, so a tied head multiplies by a transient float
 copy rather than through the int8 kernel.) The MoE router is tiny and its top-k choice flips on small logit
 differences. MoE experts ARE quantized to int8: they hold most of an MoE model's weights, and each expert is
-an ordinary SwiGLU over its tokens (int4 leaves them to `skip`: GPTQ would need each expert's routed tokens). In a small model the embedding and head are a large share of the weights (40%
-of the benchmark's), so quantizing them takes the whole model from 0.70x to 0.50x of its bf16 bytes, for a
-bits-per-byte change of a few 1e-4 or less.
+an ordinary SwiGLU over its tokens (int4 leaves them to `skip`: GPTQ would need each expert's routed tokens).
+In a small model the embedding and head are a large share of the weights (40% of the benchmark's), so
+quantizing them takes the whole model from 0.70x to 0.50x of its bf16 bytes, for a bits-per-byte change of a
+few 1e-4 or less.
 
 On CUDA the linears call the Triton kernels in kernels/int8_matmul.py and kernels/int4_matmul.py; elsewhere
 their plain-torch references. A quantized checkpoint stores the quantized weights + their scales (smoothing
@@ -338,7 +339,7 @@ def weight_bytes(model: nn.Module, float_dtype: torch.dtype = torch.bfloat16) ->
 # Quantized checkpoints
 
 def save_quantized(model: GPT, tokenizer: Tokenizer, directory, *, source: str | None = None) -> Path:
-    """Write a quantized model as a checkpoint: quantized weights + scales, the settings in config.json["quantization"]."""
+    """Write a quantized model as a checkpoint: quantized weights + scales, settings in config.json["quantization"]."""
     info = getattr(model, "quantization", None)
     if not info:
         raise ValueError("the model is not quantized; call quantize_model first (or checkpoint.save_checkpoint)")

@@ -82,7 +82,7 @@ def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 128):
-    """RTN int4: weight (N, K) -> packed (N, Kp / 2) uint8, scale (N, Kp / G) in weight.dtype, zero (N, Kp / G) uint8."""
+    """RTN int4: weight (N, K) -> packed (N, Kp / 2) uint8, scale (N, Kp / G) in weight's dtype, zero (N, Kp / G)."""
     check_group_size(group_size)
     groups = padded_columns(weight, group_size).unflatten(-1, (-1, group_size))  # (N, Kp / G, G)
     scale, zero = int4_group_params(groups, weight.dtype)
@@ -302,7 +302,8 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, double_quant: bool = True) -> "NF4Linear":
         """Quantize linear's weight to NF4 (its bias, if any, is kept as it is)."""
-        module = cls(linear.in_features, linear.out_features, double_quant, linear.bias is not None, linear.weight.dtype)
+        module = cls(linear.in_features, linear.out_features, double_quant, linear.bias is not None,
+                     linear.weight.dtype)
         module.to(linear.weight.device)
         for name, tensor in quantize_nf4(linear.weight, double_quant).items():
             setattr(module, name, tensor)

@@ -3,7 +3,8 @@
 W8A8 quantizes activations per token (nanostack/quant.py), and LLM activations have a few channels that are
 10-100x larger than the rest in every token: the token's scale is set by the outlier and every ordinary
 channel rounds to a handful of levels. SmoothQuant moves that difficulty from activations to weights, where
-it is harmless. For a linear y = X W^T and any positive per-input-channel vector s, y = (X / s)(W * s)^T exactly. Choosing
+it is harmless. For a linear y = X W^T and any positive per-input-channel vector s, y = (X / s)(W * s)^T
+exactly. Choosing
 
     s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
 

@@ -49,15 +49,18 @@ def test_dequantize_follows_the_per_element_formula():
 @pytest.mark.skipif(not CAN_RUN_KERNEL, reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(M=st.integers(1, 20), N=st.integers(1, 40), K=st.integers(1, 140), group_size=st.sampled_from([32, 64]),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_kernel_matches_float64_product_on_odd_shapes(M, N, K, group_size, dtype, bias, seed):
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), bias=st.booleans(), split_k=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_float64_product_on_odd_shapes(M, N, K, group_size, dtype, bias, split_k, seed):
     # The interpreter's tiles are 16 x 16 with 32-wide K steps: these shapes leave partial M, N and K tiles, an
-    # odd K (a half-used last byte) and several groups, with several K steps per group at G = 64.
+    # odd K (a half-used last byte) and several groups, with several K steps per group at G = 64; split K, some
+    # programs get an empty K range.
     generator = torch.Generator().manual_seed(seed)
     _, packed, scale, zero = random_weight(generator, N, K, group_size, scale_dtype=dtype)
     x = torch.randn(M, K, generator=generator).to(dtype)
     b = torch.randn(N, generator=generator).to(dtype) if bias else None
-    out = int4_matmul(*(t.to(DEVICE) for t in (x, packed, scale, zero)), bias=None if b is None else b.to(DEVICE))
+    out = int4_matmul(*(t.to(DEVICE) for t in (x, packed, scale, zero)), bias=None if b is None else b.to(DEVICE),
+                      split_k=split_k)
     assert out.shape == (M, N) and out.dtype == dtype
     weight = dequantize_int4(packed, scale, zero).double()[:, :K]
     expected = x.double() @ weight.T + (0 if b is None else b.double())

@@ -1,4 +1,5 @@
-"""The training loop: schedule, optimizer groups, accumulation, bits per byte, exact resume, divergence, fp16 loss scaling."""
+"""The training loop: schedule, optimizer groups, accumulation, bits per byte, exact resume, divergence, fp16
+loss scaling."""
 import json
 import math
 import shutil
