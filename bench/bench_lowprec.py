@@ -48,6 +48,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import finetune  # noqa: E402
+from bench.bench_kernels import time_ms  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
 from kernels.int4_matmul import int4_matmul, int4_matmul_reference, unpack_int4  # noqa: E402
 from nanostack import checkpoint, data, quant, quant4  # noqa: E402
@@ -79,6 +80,8 @@ class BenchConfig:
     matmul_nks: str = "4096x4096,14336x4096,4096x14336"  # GPU: NxK weight shapes of the kernel sweep
     decode_layers: int = 32          # GPU: layers in the decode stack
     decode_steps: int = 50           # GPU: timed graph replays per variant
+    warmup_ms: int = 25              # GPU: do_bench warmup per kernel measurement
+    rep_ms: int = 100                # GPU: do_bench timed repetitions per kernel measurement
     smoke: bool = False              # the GPU half on tiny shapes through the Triton interpreter (no GPU needed)
 
 
@@ -256,19 +259,6 @@ def cpu_half(config: BenchConfig) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # GPU half
 
-def time_ms(fn, config: BenchConfig) -> float:
-    """Median milliseconds of fn(): triton's do_bench on a GPU, three perf_counter runs in smoke mode."""
-    if config.smoke:
-        elapsed = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            elapsed.append((time.perf_counter() - start) * 1e3)
-        return sorted(elapsed)[1]
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def tinygemm_operands(packed, scale, zero, group_size: int):
     """Our int4 weight in the layout of aten._weight_int4pack_mm (tinygemm): the same codes, and per group a
     (scale, offset) pair with w = (q - 8) * scale + offset, i.e. offset = (8 - z) * scale. None where torch lacks it."""
@@ -342,6 +332,8 @@ def decode_stack_rows(config: BenchConfig, device: str) -> list[dict]:
                 with torch.cuda.graph(graph):
                     decode_step(stack, x)
                 step = graph.replay
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(config.decode_steps):
                 step()

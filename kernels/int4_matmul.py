@@ -109,15 +109,12 @@ def int4_matmul(x, packed, scale, zero, *, bias=None, split_k: int | None = None
     """W4A16: x (M, K) fp16/bf16 @ dequantize(packed, scale, zero)[:, :K].T (+ bias) -> (M, N) in x.dtype (fp32 x
     runs the reference). split_k: programs per output tile along K; None picks it from the shape and the GPU."""
     group_size = _check_inputs(x, packed, scale, zero, bias)
-    # fp32 activations have no tensor-core dot (an fp32 FMA tile spills registers): the reference serves them.
-    if x.dtype not in KERNEL_DTYPES or not (x.is_cuda or INTERPRET):
-        return int4_matmul_reference(x, packed, scale, zero, bias=bias)
     (M, K), N = x.shape, packed.shape[0]
+    # fp32 activations have no tensor-core dot (an fp32 FMA tile spills registers): the reference serves them,
+    # and empty products.
+    if x.dtype not in KERNEL_DTYPES or not (x.is_cuda or INTERPRET) or 0 in (M, N, K):
+        return int4_matmul_reference(x, packed, scale, zero, bias=bias)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.copy_(torch.zeros_like(out) if bias is None else bias.expand(M, N))
     dot_dtype, dot_precision = dot_dtype_and_precision(x.dtype)
     block_k = min(group_size, MAX_BLOCK_K)
     split_k = split_k or _split_k(M, N, K, block_k, x.device)
