@@ -52,11 +52,11 @@ _W4A16_CONFIGS = ([triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2})] 
 
 @triton.autotune(configs=_W4A16_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "BLOCK_K", "SPLIT_K", "HAS_BIAS"])
 @triton.jit
-def _w4a16_matmul_kernel(X, W, Scale, Zero, Bias, C, M, N, K, M_BUCKET,
+def _w4a16_matmul_kernel(X, W, Scale, Zero, Bias, C, M, N, K, M_BUCKET, SPLIT_K,
                          stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_ck, stride_cm,
-                         stride_cn, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                         stride_cn, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """C[split] = X[:, K range of split] @ dequantize(W)[:, K range]^T (+ bias), W read as packed 4-bit codes and
     dequantized per K step; with SPLIT_K = 1 the range is all of K and C is the output."""
     rows, cols, rows_in, cols_in = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -122,9 +122,9 @@ def int4_matmul(x, packed, scale, zero, *, bias=None, split_k: int | None = None
     target = out if split_k == 1 else torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     _w4a16_matmul_kernel[grid](x, packed, scale, zero, out if bias is None else bias, target, M, N, K, _m_bucket(M),
-                               x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scale.stride(0),
+                               split_k, x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scale.stride(0),
                                scale.stride(1), target.stride(0) if split_k > 1 else 0, target.stride(-2),
-                               target.stride(-1), GROUP_SIZE=group_size, BLOCK_K=block_k, SPLIT_K=split_k,
+                               target.stride(-1), GROUP_SIZE=group_size, BLOCK_K=block_k,
                                HAS_BIAS=bias is not None and split_k == 1, DOT_DTYPE=dot_dtype,
                                DOT_PRECISION=dot_precision)
     if split_k > 1:

@@ -119,11 +119,6 @@ class Int4Linear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The (out, in) weight the codes stand for."""
-        weight = dequantize_int4(self.weight_packed, self.weight_scale, self.weight_zero)
-        return weight[:, :self.in_features].to(dtype)
-
     def forward(self, x):
         matmul = int4_matmul if _use_kernels(x) else int4_matmul_reference
         out = matmul(x.reshape(-1, self.in_features), self.weight_packed, self.weight_scale, self.weight_zero,
