@@ -2,7 +2,12 @@
 
     python serve.py                                   # the newest of out/sft, out/dpo, out/pretrain
     python serve.py --model out/sft --port 8000 --api-key secret
+    python serve.py --model models/Qwen3-0.6B         # a Hugging Face model directory
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "what does json.dumps do?"}]}'
+
+--model and --draft take a nanostack checkpoint or run directory, or a Hugging Face model directory (config.json
+and *.safetensors, sharded or not) of the llama (Llama 3.x, SmolLM), mistral, qwen2 (Qwen2.5), qwen3, mixtral
+or qwen3_moe families, with its tokenizer.json beside the weights.
 
 Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")`. SIGTERM or Ctrl-C stops
 accepting requests, lets those in flight finish for up to --shutdown-timeout seconds, aborts the rest and exits 0.
@@ -33,13 +38,13 @@ DEFAULT_MODELS = ("out/sft", "out/dpo", "out/pretrain")
 
 @dataclass
 class ServeConfig:
-    model: str = ""                 # checkpoint or run directory; empty = the newest of out/sft, out/dpo, out/pretrain
+    model: str = ""                 # checkpoint, run or Hugging Face model directory; empty = the newest of out/sft, out/dpo, out/pretrain
     host: str = "127.0.0.1"         # address to listen on (0.0.0.0: every interface)
     port: int = 8000                # TCP port to listen on
     device: str = "auto"            # auto (CUDA when present), cpu, cuda, cuda:1, ...
     dtype: str = "auto"             # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
     quant: str = ""                 # int8-wo | w8a8 | int4 (round to nearest, groups of 128): quantize on the fly (checkpoints saved by nanostack.quant load as they are)
-    draft: str = ""                 # speculative decoding with this smaller checkpoint (same tokenizer) as the draft
+    draft: str = ""                 # speculative decoding with this smaller checkpoint or HF model (same tokenizer) as the draft
     ngram: bool = False             # speculative decoding by n-gram prompt lookup (no draft model)
     tp: int = 1                     # tensor parallel: split the model over this many GPUs of the node (cuda:0..N-1; on CPU, N processes)
 

@@ -9,7 +9,7 @@ prompt and output lengths each uniform in [min_len, max_len], ignore_eos so ever
 its output length, greedy decoding. Output tokens/s = the requested output tokens / wall time.
 
 The model is a random-weight GPT from `--depth`, saved as a checkpoint and exported with
-`checkpoint.export_hf`, so both sides run the same weights in the same dtype. HF runs the whole batch in one
+`hf.export_hf`, so both sides run the same weights in the same dtype. HF runs the whole batch in one
 `generate` call, left-padded: every row decodes until the longest output is done, and only each request's own
 output counts. Its raw rate (every generated token, padding work included) is reported too.
 
@@ -37,7 +37,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.common import print_table, write_result  # noqa: E402
-from nanostack.checkpoint import export_hf, save_checkpoint  # noqa: E402
+from nanostack.checkpoint import save_checkpoint  # noqa: E402
+from nanostack.hf import export_hf  # noqa: E402
 from nanostack.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
 from nanostack.model import GPT, ModelConfig  # noqa: E402
 from nanostack.sampling import SamplingParams  # noqa: E402

@@ -3,7 +3,7 @@
     python bench/bench_train.py                   # CPU: small models, fp32
     python bench/bench_train.py --device cuda     # GPU: bf16 autocast, GPT-2-class sizes, with and without compile
 
-Both models get the same config (the HF one is built from `checkpoint.hf_config`, the layout nanostack
+Both models get the same config (the HF one is built from `hf.hf_config`, the layout nanostack
 exports to), the same random batch, the same dtype, SDPA attention, and the same AdamW step; only the model
 code differs. Reports tokens/s, the ratio to the reference, and MFU (model FLOPs from `flops_per_token()` over
 the GPU's peak; none on CPU). Targets: >= 1.0x the reference on CPU; on an H100, MFU >= 45% for ~124M
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import print_table, write_result  # noqa: E402
-from nanostack.checkpoint import hf_config  # noqa: E402
+from nanostack.hf import hf_config  # noqa: E402
 from nanostack.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
 from nanostack.model import GPT, ModelConfig  # noqa: E402
 from nanostack.training import peak_flops  # noqa: E402

@@ -17,8 +17,9 @@ about answering, not what it memorised about one module. From the same entries c
 Other data comes as JSON lines: {"messages": [{"role", "content"}, ...]} for SFT (OpenAI's chat format),
 {"prompt", "chosen", "rejected"} for DPO (prompt is a string or a list of messages).
 
-Everything is rendered with `Tokenizer.render_chat`, the one chat template: a model only learns where the
-template's loss mask is 1 (assistant content and its <|end|>); other targets are -1. `ExampleBatches` serves
+Everything is rendered with `Tokenizer.render_chat`, the tokenizer's chat template (nanostack's own, or a
+Hugging Face checkpoint's Jinja template): a model only learns where the template's loss mask is 1 (each
+assistant reply and its end-of-turn token); other targets are -1. `ExampleBatches` serves
 shuffled batches of examples with the same guarantees as the pretraining loader (data.BatchLoader): seeded,
 sharded over ranks with no overlap, resumable exactly from a small state dict. With packing, several
 conversations share one row and `doc_ids` keeps attention and positions inside each.
@@ -41,7 +42,6 @@ import torch.nn.functional as F
 
 from nanostack.data import jsonl_records
 from nanostack.objectives import sequence_logprobs
-from nanostack.tokenizer import ROLE_TOKENS
 
 # Standard-library directories that are tests, demos or vendored tools rather than the library itself.
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages",
@@ -231,7 +231,7 @@ def multiple_choice_questions(entries, num_choices: int = 4) -> list[MultipleCho
 # ----------------------------------------------------------------------------------------------------------
 # JSON-lines readers
 
-ROLES = tuple(ROLE_TOKENS)  # the roles the chat template knows
+ROLES = ("system", "user", "assistant")  # the roles chat data may use (every chat template knows them)
 
 
 def _check_messages(messages, where: str) -> list[dict]:
@@ -286,20 +286,28 @@ def read_preference_jsonl(path) -> list[PreferenceExample]:
 # ----------------------------------------------------------------------------------------------------------
 # Token rows: (inputs, targets) with targets -1 wherever nothing is learned
 
-def sft_example(tokenizer, messages: list[dict], seq_len: int) -> tuple[list[int], list[int]]:
-    """inputs and targets (each <= seq_len) of a conversation: targets = next ids where the template's mask
-    is 1, else -1. Longer conversations are cut at seq_len + 1 tokens."""
-    ids, mask = tokenizer.render_chat(messages)
+def _rows(ids: list[int], mask: list[int], seq_len: int) -> tuple[list[int], list[int]]:
+    """inputs and targets (each <= seq_len): targets = next ids where the mask is 1, else -1; longer
+    sequences are cut at seq_len + 1 tokens."""
     ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
     return ids[:-1], [token if trained else -1 for token, trained in zip(ids[1:], mask[1:])]
 
 
+def sft_example(tokenizer, messages: list[dict], seq_len: int) -> tuple[list[int], list[int]]:
+    """inputs and targets (each <= seq_len) of a conversation: targets are the next ids where the chat
+    template's loss mask is 1 (the assistant replies), else -1."""
+    return _rows(*tokenizer.render_chat(messages), seq_len)
+
+
 def response_example(tokenizer, prompt: list[dict], response: str, seq_len: int) -> tuple[list[int], list[int]]:
     """Like sft_example for prompt + one assistant reply, but only that last reply has targets."""
-    prompt_len = len(tokenizer.render_chat(prompt, add_generation_prompt=True)[0])
-    inputs, targets = sft_example(tokenizer, [*prompt, {"role": "assistant", "content": response}], seq_len)
-    # Target t predicts token t + 1, so the reply's first target sits at prompt_len - 1.
-    return inputs, [-1 if t < prompt_len - 1 else target for t, target in enumerate(targets)]
+    ids, mask = tokenizer.render_chat([*prompt, {"role": "assistant", "content": response}])
+    # The reply is the mask's last run of 1s; it need not start where the generation prompt ends (a template's
+    # prompt may end in text that rendered replies drop, like "<think>\n").
+    start = max((i for i, trained in enumerate(mask) if trained), default=len(mask))
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return _rows(ids, [0] * start + mask[start:], seq_len)
 
 
 def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None):

@@ -13,8 +13,12 @@ A training run directory holds `step_000100/`-style checkpoints, the newest `kee
 file naming the newest one; anywhere a checkpoint is expected, the run directory works too.
 
 Nothing here unpickles: tensors go through safetensors, everything else through JSON, and the manifest
-catches truncated or tampered files before anything is loaded. The Hugging Face interop at the bottom maps
-the weights onto the Llama (dense) and Mixtral (MoE) layouts so models move in and out of that ecosystem.
+catches truncated or tampered files before anything is loaded. Loading for inference or export checks and reads
+only the config, weights and tokenizer, so a damaged optimizer or trainer state does not stand in its way.
+
+Anywhere a checkpoint is expected, a Hugging Face model directory works too (a config.json with a `model_type`
+and *.safetensors weights): `read_config` and `load_checkpoint` hand it to nanostack/hf.py, so every tool loads
+both through this one door.
 """
 import base64
 import dataclasses
@@ -127,13 +131,16 @@ def write_manifest(directory: Path) -> None:
     write_json(directory / MANIFEST, {"format": FORMAT, "files": files})
 
 
-def verify_manifest(directory: Path) -> None:
-    """Raise CheckpointError if any file listed in the manifest is missing, truncated or altered."""
+def verify_manifest(directory: Path, names=None) -> None:
+    """Raise CheckpointError if any file listed in the manifest (or those of `names` it lists) is missing,
+    truncated or altered."""
     path = directory / MANIFEST
     if not path.exists():
         raise CheckpointError(f"{directory} has no {MANIFEST}: not a complete nanostack checkpoint")
-    manifest = _read_json(path)
+    manifest = read_json(path)
     for name, entry in manifest.get("files", {}).items():
+        if names is not None and name not in names:
+            continue
         file = directory / name
         if not file.exists():
             raise CheckpointError(f"{file} is missing (listed in {MANIFEST})")
@@ -143,7 +150,7 @@ def verify_manifest(directory: Path) -> None:
             raise CheckpointError(f"{file} does not match its sha256 in {MANIFEST}: the file was altered")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -209,6 +216,12 @@ def resolve_checkpoint(path) -> Path:
                                   f"point to another step_* directory in {path}, or re-run the command that wrote it")
         return newest
     tried = f"looked for {path / 'config.json'} (a checkpoint) and {path / 'latest'} (a run directory)"
+    present = sorted(p.name for p in path.glob("*") if p.name in ("model.safetensors", "tokenizer.json", MANIFEST)
+                     or p.suffix == ".safetensors") if path.is_dir() else []
+    if present:
+        raise CheckpointError(f"{path / 'config.json'} is missing: {path} holds {', '.join(present)} but a "
+                              "checkpoint also needs its config.json; restore it (or re-run the command that wrote "
+                              "the directory)")
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path} ({tried}): `python train.py` writes out/pretrain, "
                               f"`python finetune.py` out/sft (--mode dpo: out/dpo), `python -m nanostack.quant` "
@@ -218,43 +231,65 @@ def resolve_checkpoint(path) -> Path:
 
 
 def read_config(path) -> tuple[ModelConfig, dict]:
-    """The ModelConfig and the whole config.json of a checkpoint (or run) directory."""
+    """The ModelConfig and the whole config.json of a checkpoint (or run, or Hugging Face model) directory."""
     directory = resolve_checkpoint(path)
-    raw = _read_json(directory / "config.json")
+    raw = read_json(directory / "config.json")
+    from nanostack import hf  # hf.py builds on this module
+    if hf.is_hf_config(raw):
+        return hf.config_from_hf(raw, directory / "config.json"), raw
     if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{directory}/config.json is not a {FORMAT} config (format={raw.get('format')!r}); "
-                              "for a Hugging Face model use import_hf()")
+        raise CheckpointError(f"{directory}/config.json is neither a {FORMAT} config (format={raw.get('format')!r}) "
+                              "nor a Hugging Face model's (model_type)")
     if raw.get("version") != VERSION:
         raise CheckpointError(f"{directory} has checkpoint version {raw.get('version')}, this code reads {VERSION}")
     return ModelConfig(**raw["model"]), raw
 
 
-def load_checkpoint(path, device="cpu", *, verify: bool = True) -> dict:
-    """Load a checkpoint into a fresh model: {"model", "config", "raw_config", "tokenizer", "directory",
-    "trainer_state" (or None), "optimizer_state" (or None)}."""
+def load_checkpoint(path, device="cpu", *, dtype: torch.dtype | None = None, verify: bool = True) -> dict:
+    """Load a checkpoint, or a Hugging Face model directory, into a fresh model in `dtype` (default float32):
+    {"model", "config", "raw_config", "tokenizer", "directory"}. Only those files are checked and read; the
+    training state is `read_trainer_state`'s and training.py's business."""
     directory = resolve_checkpoint(path)
-    if verify:
-        verify_manifest(directory)
     config, raw = read_config(directory)
-    if raw.get("quantization"):
-        quantization = raw["quantization"]
-        raise CheckpointError(f"{directory} holds a quantized model (mode {quantization.get('mode')}): serve it "
-                              f"(python serve.py --model {directory}) but train or fine-tune its full-precision "
-                              f"source instead ({quantization.get('source')})")
-    if not (directory / "model.safetensors").exists():
-        raise CheckpointError(f"{directory} holds sharded weights only (shards/); consolidate them with "
-                              f"`python -m nanostack.distributed consolidate {directory}`")
-    model = GPT(config)
-    load_weights(model, load_file(directory / "model.safetensors"))
-    model.to(device)
-    out = {"model": model, "config": config, "raw_config": raw, "directory": directory,
-           "tokenizer": Tokenizer.load(directory / raw.get("tokenizer", "tokenizer.json")),
-           "trainer_state": None, "optimizer_state": None}
-    if (directory / "trainer_state.json").exists():
-        out["trainer_state"] = _read_json(directory / "trainer_state.json")
-    if (directory / "optimizer.safetensors").exists():
-        out["optimizer_state"] = read_optimizer_state(directory)
-    return out
+    tokenizer_path = directory / raw.get("tokenizer", "tokenizer.json")
+    from nanostack import hf
+    if hf.is_hf_config(raw):
+        if not tokenizer_path.exists():
+            raise CheckpointError(f"{tokenizer_path} is missing: a Hugging Face model directory needs its tokenizer "
+                                  "files beside the weights (huggingface-cli download fetches them together)")
+        tokenizer = Tokenizer.load(tokenizer_path)  # before the weights: a bad tokenizer fails at once
+        model = hf.import_hf(directory, device, dtype or torch.float32)
+    else:
+        if verify:
+            verify_manifest(directory, {"config.json", "model.safetensors", tokenizer_path.name})
+        if raw.get("quantization"):
+            quantization = raw["quantization"]
+            raise CheckpointError(f"{directory} holds a quantized model (mode {quantization.get('mode')}): serve "
+                                  f"it (python serve.py --model {directory}) but train or fine-tune its full-precision "
+                                  f"source instead ({quantization.get('source')})")
+        if not (directory / "model.safetensors").exists():
+            raise CheckpointError(f"{directory} holds sharded weights only (shards/); consolidate them with "
+                                  f"`python -m nanostack.distributed consolidate {directory}`")
+        tokenizer = Tokenizer.load(tokenizer_path)
+        model = GPT(config)
+        load_weights(model, load_file(directory / "model.safetensors"))
+        model.to(device=device, dtype=dtype)
+    return {"model": model, "config": config, "raw_config": raw, "directory": directory, "tokenizer": tokenizer}
+
+
+def read_trainer_state(path) -> dict:
+    """trainer_state.json of a checkpoint (or run) directory: step, loader position, RNG states."""
+    return read_json(resolve_checkpoint(path) / "trainer_state.json")
+
+
+def weights_sha256(path) -> str:
+    """What identifies a model's weights: the sha256 of model.safetensors from the manifest of a nanostack
+    checkpoint; for a Hugging Face directory, of the sha256s of its *.safetensors files in name order."""
+    directory = resolve_checkpoint(path)
+    if (directory / MANIFEST).exists():
+        return read_json(directory / MANIFEST)["files"]["model.safetensors"]["sha256"]
+    digests = "".join(_sha256(file) for file in sorted(directory.glob("*.safetensors")))
+    return hashlib.sha256(digests.encode()).hexdigest()
 
 
 def require_same_tokenizer(tokenizer: Tokenizer, tokenizer_path, other: Tokenizer, other_path, role: str) -> None:
@@ -278,94 +313,3 @@ def read_optimizer_state(directory) -> dict:
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["meta"])
     return optimizer_from_tensors(load_file(path), meta)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Hugging Face interop: Llama (dense) and Mixtral (MoE) layouts, as stored on the Hub
-
-def _hf_names(config: ModelConfig) -> dict[str, str]:
-    """nanostack parameter name -> Hugging Face name, for every tensor except per-expert ones."""
-    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-    for i in range(config.n_layer):
-        ours, theirs = f"layers.{i}", f"model.layers.{i}"
-        names[f"{ours}.attn_norm.weight"] = f"{theirs}.input_layernorm.weight"
-        names[f"{ours}.mlp_norm.weight"] = f"{theirs}.post_attention_layernorm.weight"
-        for a, b in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            names[f"{ours}.attn.{a}.weight"] = f"{theirs}.self_attn.{b}.weight"
-        if config.n_expert:
-            names[f"{ours}.mlp.router.weight"] = f"{theirs}.block_sparse_moe.gate.weight"
-        else:
-            for a, b in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-                names[f"{ours}.mlp.{a}.weight"] = f"{theirs}.mlp.{b}.weight"
-    return names
-
-
-# Mixtral's per-expert names: w1 = gate, w3 = up, w2 = down.
-_EXPERT_NAMES = {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
-
-
-def hf_config(config: ModelConfig) -> dict:
-    """The Hugging Face config.json for a nanostack ModelConfig."""
-    common = {"vocab_size": config.vocab_size, "hidden_size": config.n_embd, "intermediate_size": config.mlp_hidden,
-              "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-              "num_key_value_heads": config.n_kv_head, "head_dim": config.n_embd // config.n_head,
-              "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-              "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_embeddings,
-              "hidden_act": "silu", "attention_bias": False, "torch_dtype": "float32"}
-    if config.n_expert:
-        return {**common, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-                "num_local_experts": config.n_expert, "num_experts_per_tok": config.n_expert_active,
-                "router_aux_loss_coef": config.moe_aux_loss_coef}
-    return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
-
-
-def export_hf(path, out_dir) -> Path:
-    """Write a checkpoint as a Hugging Face Llama/Mixtral model directory (config.json + model.safetensors)."""
-    loaded = load_checkpoint(path)
-    config, state = loaded["config"], unique_tensors(loaded["model"].state_dict())
-    names, hf_state = _hf_names(config), {}
-    for name, tensor in state.items():
-        if name in names:
-            hf_state[names[name]] = tensor
-            continue
-        # per-expert weights: layers.{i}.mlp.experts.{w_gate|w_up|w_down}, shaped (n_expert, out, in)
-        layer, kind = name.split(".")[1], name.split(".")[-1]
-        for e in range(config.n_expert):
-            hf_state[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[kind]}.weight"] = tensor[e].clone()
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
-        save_file(hf_state, tmp / "model.safetensors", metadata={"format": "pt"})
-    return Path(out_dir)
-
-
-def import_hf(hf_dir) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a Hugging Face Llama/Mixtral directory (config.json + *.safetensors) as a nanostack config and weights."""
-    hf_dir = Path(hf_dir)
-    hf = _read_json(hf_dir / "config.json")
-    if hf.get("model_type") not in ("llama", "mixtral"):
-        raise CheckpointError(f"{hf_dir}: model_type {hf.get('model_type')!r} is not supported (llama or mixtral)")
-    if hf.get("rope_scaling") or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise CheckpointError(f"{hf_dir}: rope_scaling and biases are not supported by nanostack's model")
-    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
-        raise CheckpointError(f"{hf_dir}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-    config = ModelConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads", n_head), n_embd=n_embd, mlp_hidden=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=hf.get("rope_theta", 10000.0),
-        norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", False),
-        n_expert=hf.get("num_local_experts", 0) if hf["model_type"] == "mixtral" else 0,
-        n_expert_active=hf.get("num_experts_per_tok", 2))
-    hf_state = {}
-    for file in sorted(hf_dir.glob("*.safetensors")):
-        hf_state.update(load_file(file))
-    if not hf_state:
-        raise CheckpointError(f"{hf_dir} has no *.safetensors weights (pickled .bin files are not read)")
-    state = {ours: hf_state[theirs] for ours, theirs in _hf_names(config).items() if theirs in hf_state}
-    for i in range(config.n_layer if config.n_expert else 0):
-        for kind, hf_kind in _EXPERT_NAMES.items():
-            prefix = f"model.layers.{i}.block_sparse_moe.experts"
-            state[f"layers.{i}.mlp.experts.{kind}"] = torch.stack(
-                [hf_state[f"{prefix}.{e}.{hf_kind}.weight"] for e in range(config.n_expert)])
-    return config, state

@@ -51,18 +51,16 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("LoRALinear wraps bias-free linears only (nanostack's model has no biases)")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
         self.scale = alpha / rank
         if isinstance(base, NF4Linear):
-            self.base = base  # QLoRA: dequantized on each call, never stored in full precision
+            self.base, self.bias = base, None  # QLoRA: dequantized on each call (bias included), never kept whole
             device, dtype = base.weight_packed.device, base.dtype
         else:
             self.base = None
-            self.weight = base.weight  # the same Parameter: the name and the state-dict key stay `weight`
-            self.weight.requires_grad_(False)
+            self.weight, self.bias = base.weight, base.bias  # the same Parameters: state-dict keys stay `weight`, `bias`
+            self.requires_grad_(False)
             device, dtype = base.weight.device, base.weight.dtype
         # Kaiming-uniform A, as nn.Linear initialises its weight, gives the update a sensible scale once B moves.
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
@@ -72,7 +70,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)  # (..., out) through (..., rank)
-        frozen = F.linear(x, self.weight) if self.base is None else self.base(x)
+        frozen = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         return frozen + self.scale * update
 
     def extra_repr(self) -> str:
@@ -157,7 +155,8 @@ def dequantize_bases(model: nn.Module) -> None:
     `weight`, every other NF4Linear an nn.Linear."""
     for module in lora_modules(model).values():
         if module.base is not None:
-            module.weight, module.base = module.base.to_linear().weight, None
+            linear = module.base.to_linear()
+            module.weight, module.bias, module.base = linear.weight, linear.bias, None
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
             _set_module(model, name, module.to_linear())
@@ -176,8 +175,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in modules.items():
         parent_name, _, child = name.rpartition(".")  # "" for lm_head: the model itself
         setattr(model.get_submodule(parent_name), child,
-                nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device,
-                          dtype=module.weight.dtype))
+                nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=module.weight.device, dtype=module.weight.dtype))
     model.load_state_dict(merged)
     model.requires_grad_(True)
     return model
@@ -195,10 +194,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_identity(path) -> dict:
-    """What identifies a base checkpoint: its directory and the sha256 of its weights (from its manifest)."""
-    directory = checkpoint.resolve_checkpoint(path)
-    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
-    return {"checkpoint": str(directory), "model_sha256": manifest["files"]["model.safetensors"]["sha256"]}
+    """What identifies a base checkpoint: its directory and the sha256 of its weights (checkpoint.weights_sha256)."""
+    return {"checkpoint": str(checkpoint.resolve_checkpoint(path)), "model_sha256": checkpoint.weights_sha256(path)}
 
 
 def save_adapter(directory, tensors: dict[str, torch.Tensor], settings: dict, base: dict | None = None) -> Path:

@@ -5,9 +5,12 @@ The token stream goes: embedding -> n_layer x Block -> RMSNorm -> lm_head. Each 
     x = x + attn(attn_norm(x))      causal self-attention, RoPE on q/k, grouped-query K/V heads
     x = x + mlp(mlp_norm(x))        SwiGLU MLP, or a Mixture-of-Experts of SwiGLU MLPs
 
-Conventions follow Hugging Face Llama/Mixtral (no biases, RMSNorm computed in fp32, RoPE in the
-"rotate_half" layout where dimension i pairs with i + head_dim/2), so a checkpoint maps onto
-LlamaForCausalLM / MixtralForCausalLM by renaming parameters, with no permutation.
+Conventions follow Hugging Face Llama/Mixtral (RMSNorm computed in fp32, RoPE in the "rotate_half" layout
+where dimension i pairs with i + head_dim/2), so a checkpoint maps onto LlamaForCausalLM / MixtralForCausalLM by
+renaming parameters, with no permutation (nanostack/hf.py). The config fields that default off cover the other
+families: biases on q/k/v (Qwen2), an RMSNorm per head on q and k (Qwen3), a head_dim of its own (Qwen3), scaled
+RoPE (Llama 3.1's "llama3", "linear", YaRN), a sliding attention window (Mistral) and un-renormalised top-k
+gates (Qwen3-MoE).
 
 `attention()` is the one place that picks the attention backend (Triton flash kernel on CUDA, torch SDPA
 elsewhere), and `paged_attention()` its twin for serving. RoPE is applied from cos/sin tables gathered by
@@ -37,14 +40,20 @@ class ModelConfig:
     n_layer: int = 4                # transformer blocks
     n_head: int = 4                 # query heads per attention layer
     n_kv_head: int = 4              # key/value heads (grouped-query attention): must divide n_head
-    n_embd: int = 256               # residual width; head_dim = n_embd // n_head
+    n_embd: int = 256               # residual width
+    head_dim: int = 0               # width of one attention head; 0 = n_embd // n_head
     mlp_hidden: int = 0             # SwiGLU hidden width; 0 = ~8/3 * n_embd rounded up to a multiple of 64
     max_seq_len: int = 512          # longest sequence (RoPE tables and KV caches are sized for it)
     rope_theta: float = 10000.0     # RoPE base: larger stretches the positions a rotation period covers
+    rope_scaling: dict | None = None  # scaled RoPE in Hugging Face's words: {"rope_type": "linear", "factor": 2.0}
+    qkv_bias: bool = False          # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False           # RMSNorm over each head of q and k before RoPE (Qwen3)
+    sliding_window: int = 0         # 0 = full causal attention; W = each token sees itself and the W - 1 before it
     norm_eps: float = 1e-5          # RMSNorm epsilon
     tie_embeddings: bool = False    # share the token embedding with the LM head
     n_expert: int = 0               # 0 = dense SwiGLU MLP; >0 = Mixture-of-Experts MLP in every block
     n_expert_active: int = 2        # experts each token is routed to (top-k)
+    moe_renormalize: bool = True    # rescale the top-k gates to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
     moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (keeps experts evenly used)
     moe_z_loss_coef: float = 0.001  # weight of the router z-loss (keeps router logits small and stable)
 
@@ -52,15 +61,18 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("mlp_hidden", "n_expert", "moe_aux_loss_coef", "moe_z_loss_coef"):
+        for name in ("head_dim", "mlp_hidden", "sliding_window", "n_expert", "moe_aux_loss_coef", "moe_z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ValueError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta} and {self.norm_eps}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim == 0:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_dim)")
+            self.head_dim = self.n_embd // self.n_head
         if self.head_dim % 2:
-            raise ValueError(f"head_dim = n_embd / n_head = {self.head_dim} must be even for RoPE")
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)  # raises on a bad rope_scaling
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.n_expert and not 1 <= self.n_expert_active <= self.n_expert:
@@ -69,11 +81,6 @@ class ModelConfig:
             # SwiGLU has three matrices instead of two, so 8/3 * n_embd keeps the 4 * n_embd MLP's parameter
             # count; a multiple of 64 keeps matmul tiles full.
             self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.n_embd // self.n_head
 
     @classmethod
     def from_depth(cls, depth: int, vocab_size: int, max_seq_len: int = 512, **overrides) -> "ModelConfig":
@@ -117,13 +124,61 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, dtype=torch.float32, device=None):
+# rope_type -> (the keys its rope_scaling dict needs, the optional ones with defaults), named as Hugging Face does.
+ROPE_SCALINGS = {
+    "linear": (("factor",), {}),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), {}),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "truncate": True}),
+}
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """The (head_dim / 2,) float64 rotation speeds of RoPE, scaled as `scaling` says, and the factor YaRN puts on
+    cos/sin (1 otherwise). Raises a ValueError naming what is wrong with `scaling`."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq, 1.0
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling rope_type {kind!r} is not supported; expected one of {sorted(ROPE_SCALINGS)}")
+    required, optional = ROPE_SCALINGS[kind]
+    if any(scaling.get(key) is None for key in required) or set(scaling) - {"rope_type", *required, *optional}:
+        raise ValueError(f"rope_scaling {scaling}: rope_type {kind!r} needs {list(required)} and may have "
+                         f"{list(optional)}, nothing else")
+    settings = {**optional, **{key: value for key, value in scaling.items() if value is not None}}
+    factor = settings["factor"]
+    if kind == "linear":  # position interpolation (Chen et al. 2023): every position divided by factor
+        return inv_freq / factor, 1.0
+    original = settings["original_max_position_embeddings"]  # the context the model was pretrained on
+    if kind == "llama3":
+        # Llama 3.1: rotations slower than `low_freq_factor` turns over the original context are interpolated by
+        # factor, faster than `high_freq_factor` turns kept as they are, and a linear blend in between.
+        low, high = settings["low_freq_factor"], settings["high_freq_factor"]
+        keep = ((original * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+        return keep * inv_freq + (1 - keep) * inv_freq / factor, 1.0
+    # YaRN (Peng et al. 2023): the same blend, by dimension: dims turning more than beta_fast times over the
+    # original context are kept, fewer than beta_slow interpolated; cos/sin grow by the attention factor.
+    def dim_turning(turns):
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_turning(settings["beta_fast"]), dim_turning(settings["beta_slow"])
+    if settings["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    interpolate = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / ((high - low) or 1e-3)).clamp(0, 1)
+    attention_factor = settings["attention_factor"] or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return (1 - interpolate) * inv_freq + interpolate * inv_freq / factor, attention_factor
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, dtype=torch.float32, device=None,
+                 scaling: dict | None = None):
     """cos/sin tables, each (max_seq_len, head_dim), for positions 0..max_seq_len-1 in rotate_half layout."""
     # Built in float64 so the angles at large positions are exact before rounding to `dtype`.
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)  # (max_seq_len, head_dim): dim i and i + hd/2 share an angle
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    inv_freq, scale = rope_frequencies(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (max_seq_len, head_dim / 2)
+    cos, sin = (scale * angles.cos()).to(dtype), (scale * angles.sin()).to(dtype)
+    # (max_seq_len, head_dim): dims i and i + hd/2 share an angle
+    return torch.cat((cos, cos), dim=-1).to(device), torch.cat((sin, sin), dim=-1).to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -134,11 +189,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated_half * sin
 
 
-def attention(q, k, v, *, causal: bool = True, doc_ids=None) -> torch.Tensor:
+def attention(q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0) -> torch.Tensor:
     """Softmax attention: q (B, T, n_head, hd), k/v (B, S, n_kv_head, hd) -> (B, T, n_head, hd).
 
     T <= S; query i sits at key position S - T + i (a decode step sees the whole cache). doc_ids (B, S), one
     id per key position, keeps attention inside contiguous runs of equal id; queries take the last T ids.
+    window > 0 (causal only) lets each query see only the `window` key positions ending at its own.
     """
     batch, q_len, n_head, head_dim = q.shape
     k_len, n_kv_head = k.shape[1], k.shape[2]
@@ -148,17 +204,23 @@ def attention(q, k, v, *, causal: bool = True, doc_ids=None) -> torch.Tensor:
         raise ValueError(f"query length {q_len} must be <= key length {k_len}")
     if doc_ids is not None and doc_ids.shape != (batch, k_len):
         raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must be (batch, key length) = {(batch, k_len)}")
-    if USE_FLASH_KERNEL and q.is_cuda and doc_ids is None:
+    if window and not causal:
+        raise ValueError(f"a sliding window ({window}) needs causal attention")
+    window = window if k_len > window else 0  # a window as long as every key masks nothing
+    # The Triton kernel has no document or window masks: those fall back to SDPA with an explicit mask.
+    if USE_FLASH_KERNEL and q.is_cuda and doc_ids is None and not window:
         from kernels.flash_attention import flash_attention  # Triton: imported only where it can run
         return flash_attention(q, k, v, causal=causal)
 
     mask = None
-    if doc_ids is not None or (causal and q_len != k_len):
+    if doc_ids is not None or window or (causal and q_len != k_len):
         key_pos = torch.arange(k_len, device=q.device)
         query_pos = key_pos[k_len - q_len:]
         mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=q.device)  # (B or 1, 1, T, S)
         if causal:
             mask = mask & (key_pos[None, :] <= query_pos[:, None])
+        if window:
+            mask = mask & (key_pos[None, :] > query_pos[:, None] - window)
         if doc_ids is not None:
             mask = mask & (doc_ids[:, None, k_len - q_len:, None] == doc_ids[:, None, None, :])
     # SDPA wants heads before length: (B, heads, len, hd). enable_gqa shares each K/V head across its group.
@@ -191,10 +253,10 @@ class KVCache:
         """Mark n_tokens more positions as filled (call once per forward)."""
         self.length += n_tokens
 
-    def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, window: int = 0) -> torch.Tensor:
         """Append this step's k/v, then attend from q (B, T, n_head, hd) over everything cached so far."""
         k, v = self.update(layer_idx, k, v)  # (B, S, n_kv_head, hd), S = cached + T
-        return attention(q, k, v, causal=True)
+        return attention(q, k, v, causal=True, window=window)
 
 
 @dataclass
@@ -217,15 +279,20 @@ class PagedBatch:
     logits_indices: torch.Tensor       # (L,) the tokens whose logits are wanted
 
 
-def paged_attention(q, k, v, k_pool, v_pool, batch: PagedBatch, *, use_kernels: bool | None = None) -> torch.Tensor:
+def paged_attention(q, k, v, k_pool, v_pool, batch: PagedBatch, *, use_kernels: bool | None = None,
+                    window: int = 0) -> torch.Tensor:
     """Serving attention: store this step's k/v (N, n_kv_head, hd) in the layer's pools, then attend from q
-    (N, n_head, hd): prefill chunks over their cached prefix + themselves, decode tokens over their blocks.
+    (N, n_head, hd): prefill chunks over their cached prefix + themselves, decode tokens over their blocks;
+    with a sliding `window`, over the last `window` positions only.
 
     The Triton kernels (default: on CUDA) read the pools directly. Otherwise each sequence's keys are gathered
-    out of the pools and torch SDPA runs on them (for decode ~3x faster on CPU than the kernel's reference)."""
+    out of the pools and torch SDPA runs on them (for decode ~3x faster on CPU than the kernel's reference).
+    The kernels have no window, so a windowed model always takes the SDPA path with the window as a mask: exact,
+    but no cheaper (every block stays in the pool and the masked scores are still computed)."""
     from kernels.paged_attention import paged_decode_attention, write_kv
     write_kv(k_pool, v_pool, k, v, batch.slot_mapping)
     use_kernels = USE_FLASH_KERNEL and q.is_cuda if use_kernels is None else use_kernels
+    use_kernels = use_kernels and not window
     num_prefill = batch.num_prefill_tokens
     k_slots, v_slots = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # (num_blocks * block_size, n_kv_head, hd)
     out = torch.empty_like(q)  # (N, n_head, hd)
@@ -240,7 +307,7 @@ def paged_attention(q, k, v, k_pool, v_pool, batch: PagedBatch, *, use_kernels: 
         else:
             cu_q, cu_k = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
             for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
-                out[q0:q1] = attention(q[None, q0:q1], keys[None, k0:k1], values[None, k0:k1])[0]
+                out[q0:q1] = attention(q[None, q0:q1], keys[None, k0:k1], values[None, k0:k1], window=window)[0]
     if num_prefill < q.shape[0]:
         q_decode, tables, context_lens = q[num_prefill:], batch.decode_block_tables, batch.decode_context_lens
         if use_kernels:
@@ -250,7 +317,10 @@ def paged_attention(q, k, v, k_pool, v_pool, batch: PagedBatch, *, use_kernels: 
             num_seqs, max_context = tables.shape[0], tables.shape[1] * k_pool.shape[1]
             keys = k_pool.index_select(0, tables.flatten()).view(num_seqs, max_context, *k_pool.shape[2:])
             values = v_pool.index_select(0, tables.flatten()).view(num_seqs, max_context, *v_pool.shape[2:])
-            visible = torch.arange(max_context, device=q.device)[None, :] < context_lens[:, None]  # (D, max ctx)
+            key_pos = torch.arange(max_context, device=q.device)[None, :]
+            visible = key_pos < context_lens[:, None]  # (D, max ctx)
+            if window:
+                visible &= key_pos >= context_lens[:, None] - window
             y = F.scaled_dot_product_attention(  # one query per sequence: (D, n_head, 1, hd)
                 q_decode[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None],
                 enable_gqa=keys.shape[2] != q.shape[1])
@@ -265,36 +335,42 @@ class PagedKV:
     v_pools: list
     batch: PagedBatch
 
-    def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
+    def attend(self, layer_idx: int, q, k, v, window: int = 0) -> torch.Tensor:
         """Attention of one layer over the paged cache, see paged_attention."""
-        return paged_attention(q, k, v, self.k_pools[layer_idx], self.v_pools[layer_idx], self.batch)
+        return paged_attention(q, k, v, self.k_pools[layer_idx], self.v_pools[layer_idx], self.batch, window=window)
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention: n_head query heads share n_kv_head K/V heads; RoPE on q and k."""
+    """Grouped-query self-attention: n_head query heads share n_kv_head K/V heads; RoPE on q and k (after a
+    per-head RMSNorm with qk_norm)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.window = layer_idx, config.sliding_window
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.wq = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        if config.qk_norm:  # one weight per head dimension, shared by every head (so tensor parallel keeps it whole)
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
     def project_qkv(self, x, cos, sin):
         """x (..., n_embd) -> q (..., n_head, hd), k and v (..., n_kv_head, hd), RoPE applied to q and k."""
         q = self.wq(x).unflatten(-1, (self.n_head, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.n_kv_head, self.head_dim))
         v = self.wv(x).unflatten(-1, (self.n_kv_head, self.head_dim))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, doc_ids=None, kv_cache=None):
         q, k, v = self.project_qkv(x, cos, sin)  # (B, T, heads, hd), or (N, heads, hd) when serving
         if kv_cache is None:
-            y = attention(q, k, v, causal=True, doc_ids=doc_ids)
+            y = attention(q, k, v, causal=True, doc_ids=doc_ids, window=self.window)
         else:  # a KVCache or a PagedKV: each knows where its keys live
-            y = kv_cache.attend(self.layer_idx, q, k, v)
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.window)
         return self.wo(y.flatten(-2))
 
 
@@ -336,11 +412,12 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixtral-style MoE: softmax router, top-k experts per token with renormalised gates, dropless dispatch."""
+    """Mixtral-style MoE: softmax router, top-k experts per token with renormalised gates (or, as Qwen3-MoE may,
+    the top-k softmax probabilities as they are), dropless dispatch."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_expert, self.n_active = config.n_expert, config.n_expert_active
+        self.n_expert, self.n_active, self.renormalize = config.n_expert, config.n_expert_active, config.moe_renormalize
         self.aux_coef, self.z_coef = config.moe_aux_loss_coef, config.moe_z_loss_coef
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = Experts(config)
@@ -352,8 +429,10 @@ class MoE(nn.Module):
         router_logits = self.router(x_flat)  # (N, n_expert)
         router_logits = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
         router_probs = router_logits.softmax(dim=-1)
+        # Renormalised, this is Mixtral's softmax over the top-k logits; without, Qwen3-MoE's norm_topk_prob=false.
         gates, chosen = router_probs.topk(self.n_active, dim=-1)  # (N, k) each
-        gates = gates / gates.sum(dim=-1, keepdim=True)
+        if self.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
 
         # Dropless dispatch: sort the N*k (token, slot) assignments by expert so each expert runs one matmul
         # on a contiguous slice, then scatter-add the gated outputs back to their tokens.
@@ -413,19 +492,27 @@ class GPT(nn.Module):
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Not saved: derived from the config. Cast along with the model (bf16 tables are coarse but cheap).
-        cos, sin = rope_cos_sin(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.reset_rope()
         self.moe_aux_loss = torch.zeros(())
         self.init_weights()
+
+    def reset_rope(self, dtype=torch.float32, device=None) -> None:
+        """(Re)build the RoPE tables from the config: a model materialised from the meta device needs this."""
+        c = self.config
+        self.rope_cos, self.rope_sin = rope_cos_sin(c.head_dim, c.max_seq_len, c.rope_theta, dtype, device,
+                                                    scaling=c.rope_scaling)
 
     @torch.no_grad()
     def init_weights(self):
         """Normal(0, 0.02) matrices, with the residual-stream outputs (wo, w_down) scaled by 1/sqrt(2 n_layer)
-        so the residual's variance does not grow with depth (GPT-2); norm weights start at 1."""
+        so the residual's variance does not grow with depth (GPT-2); norm weights start at 1, biases at 0."""
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
-            if param.dim() == 1:
+            if name.endswith(".bias"):
+                param.zero_()
+            elif param.dim() == 1:
                 param.fill_(1.0)
             elif name.endswith(("wo.weight", "w_down.weight", "experts.w_down")):
                 param.normal_(0.0, residual_std)

@@ -117,43 +117,49 @@ def w8a8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor)
 LINEAR_FUNCTIONS = {"int8-wo": weight_only_linear, "w8a8": w8a8_linear}
 
 
-def _register_int8_weight(module: nn.Module, in_features: int, out_features: int) -> None:
+def _register_int8_weight(module: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
     module.in_features, module.out_features = in_features, out_features
     module.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
     module.register_buffer("weight_scale", torch.zeros(out_features))
+    module.register_buffer("bias", torch.zeros(out_features) if bias else None)  # kept in the activation dtype
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """W8A16 stand-in for a bias-free nn.Linear: int8 (out, in) weight, one fp scale per output channel."""
+    """W8A16 stand-in for an nn.Linear: int8 (out, in) weight, one fp scale per output channel, optional fp bias."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        _register_int8_weight(self, in_features, out_features)
+        _register_int8_weight(self, in_features, out_features, bias)
 
     def forward(self, x):
-        return weight_only_linear(x, self.weight_int8, self.weight_scale)
+        return _add_bias(weight_only_linear(x, self.weight_int8, self.weight_scale), self.bias)
 
 
 class W8A8Linear(nn.Module):
-    """W8A8 stand-in for a bias-free nn.Linear: the same stored weight, activations quantized per token."""
+    """W8A8 stand-in for an nn.Linear: the same stored weight, activations quantized per token."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        _register_int8_weight(self, in_features, out_features)
+        _register_int8_weight(self, in_features, out_features, bias)
 
     def forward(self, x):
-        return w8a8_linear(x, self.weight_int8, self.weight_scale)
+        return _add_bias(w8a8_linear(x, self.weight_int8, self.weight_scale), self.bias)
 
 
 LINEAR_CLASSES = {"int8-wo": Int8WeightOnlyLinear, "w8a8": W8A8Linear}
 
 
 def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
-    """An Int8WeightOnlyLinear ("int8-wo") or W8A8Linear ("w8a8") holding linear's weight in int8."""
-    if linear.bias is not None:
-        raise ValueError(f"{linear} has a bias; nanostack's int8 linears (like its model) have none")
-    module = LINEAR_CLASSES[mode](linear.in_features, linear.out_features).to(linear.weight.device)
+    """An Int8WeightOnlyLinear ("int8-wo") or W8A8Linear ("w8a8") holding linear's weight in int8 (its bias as is)."""
+    module = LINEAR_CLASSES[mode](linear.in_features, linear.out_features, linear.bias is not None)
+    module = module.to(linear.weight.device)
     module.weight_int8, module.weight_scale = quantize_weight(linear.weight)
+    if linear.bias is not None:
+        module.bias = linear.bias.detach().clone()
     return module
 
 
@@ -366,13 +372,13 @@ def load_quantized(path, device="cpu") -> dict:
             "tokenizer": Tokenizer.load(directory / raw.get("tokenizer", "tokenizer.json"))}
 
 
-def load_for_serving(path, device="cpu") -> dict:
-    """Load a plain or a quantized checkpoint for inference; same keys as `load_quantized`."""
+def load_for_serving(path, device="cpu", dtype: torch.dtype | None = None) -> dict:
+    """Load a plain or a quantized checkpoint (or a Hugging Face model directory) for inference, plain weights in
+    `dtype`; same keys as `load_quantized`."""
     _, raw = checkpoint.read_config(path)
     if raw.get("quantization"):
         return load_quantized(path, device)
-    loaded = checkpoint.load_checkpoint(path, device)
-    return {key: loaded[key] for key in ("model", "config", "raw_config", "directory", "tokenizer")}
+    return checkpoint.load_checkpoint(path, device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

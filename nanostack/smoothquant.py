@@ -107,6 +107,8 @@ def smooth_model(model: GPT, calibration_batches, alpha: float) -> dict[str, tor
         wo_weight = _input_absmax([attn.wo.weight]).view(kv_shape).amax(1)
         s = smoothing_scales(wo_act, wo_weight, alpha)  # (n_kv_head, head_dim)
         attn.wv.weight.div_(s.reshape(-1, 1).to(attn.wv.weight.dtype))
+        if attn.wv.bias is not None:  # (Qwen2) v's bias is part of v's output channels
+            attn.wv.bias.div_(s.reshape(-1).to(attn.wv.bias.dtype))
         attn.wo.weight.mul_(s[:, None, :].expand(kv_shape).reshape(-1).to(attn.wo.weight.dtype))
         if isinstance(mlp, MLP):
             s = smoothing_scales(act[f"{prefix}.mlp.w_down"], _input_absmax([mlp.w_down.weight]), alpha)  # (hidden,)

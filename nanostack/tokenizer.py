@@ -19,21 +19,29 @@ Rules that make the result well defined:
 The trained merges become tiktoken ranks: bytes 0..255 are ranks 0..255, merge i is rank 256+i with the
 bytes left+right. The special tokens (chat markers) get the ids right after the ordinary tokens; user
 text never produces them: "<|eos|>" typed in a message is encoded as plain text.
+
+A Hugging Face byte-level BPE tokenizer.json loads into the same class (nanostack/hf_tokenizer.py), with
+its added tokens, Jinja chat template and stop ids; `save_hf` writes any tokenizer in that format.
 """
 import base64
 import heapq
 import itertools
 import json
 import os
+import unicodedata
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import regex
 import tiktoken
 from tqdm import tqdm
 
+from nanostack import hf_tokenizer
 from nanostack.atomic import atomic_file
+from nanostack.chat_template import (CONTROL_END, CONTROL_START, NANOSTACK_CHAT_TEMPLATE, compile_chat_template,
+                                     mark_controls, render as render_template, reply_span)
 
 # cl100k's split: contractions, words with one leading non-letter (" hello"), 1-3 digit numbers, runs of
 # punctuation, newlines with their indentation, other whitespace. Possessive quantifiers need `regex`.
@@ -42,7 +50,6 @@ GPT4_SPLIT_PATTERN = (
     r"""\s+(?!\S)|\s+"""
 )
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 FILE_FORMAT = "nanostack-tokenizer"
 FILE_VERSION = 1
@@ -251,27 +258,91 @@ def merges_to_ranks(merges: list[tuple[int, int]]) -> dict[bytes, int]:
 # The tokenizer: tiktoken for encode/decode, plus specials, the chat template and a JSON file format
 
 class Tokenizer:
-    """Byte-level BPE tokenizer; `encoding` (a tiktoken.Encoding) does the work."""
+    """Byte-level BPE tokenizer; `encoding` (a tiktoken.Encoding) does the BPE.
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = GPT4_SPLIT_PATTERN,
-                 name: str = "nanostack"):
-        num_ordinary = len(mergeable_ranks)
-        if sorted(mergeable_ranks.values()) != list(range(num_ordinary)):
-            raise ValueError(f"mergeable_ranks must use each rank 0..{num_ordinary - 1} exactly once")
+    nanostack's own tokenizers (from `train`) number their tokens by rank, put six special tokens right after
+    them and use NANOSTACK_CHAT_TEMPLATE. A Hugging Face tokenizer.json (nanostack/hf_tokenizer.py) brings its
+    own added tokens, chat template and stop ids, may NFC-normalize text and may number its tokens in another
+    order than its merges; encoding still goes through tiktoken.
+    """
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = GPT4_SPLIT_PATTERN, name: str = "nanostack",
+                 *, special_tokens: dict[str, int] | None = None, text_tokens: Iterable[str] = (),
+                 normalizer: str | None = None, token_ids: list[int] | None = None, bos_id: int | None = None,
+                 eos_id: int | None = None, stop_ids: Iterable[int] | None = None,
+                 chat_template: str | None = NANOSTACK_CHAT_TEMPLATE, special_tokens_map: dict[str, str] | None = None,
+                 hf_config: dict | None = None):
+        """`special_tokens` None: nanostack's own (ranks 0..n-1 are the ids, SPECIAL_TOKENS follow, with their
+        bos / eos / end-of-turn roles). Otherwise `special_tokens` {text: id} are the added tokens, `text_tokens`
+        those of them that plain text may contain (Hugging Face's non-special added tokens, like Qwen3's
+        <think>), `normalizer` None or "NFC", `token_ids[rank]` the id of each rank when ids are not the ranks,
+        `bos_id` the token put before a text (None: none), `eos_id` and `stop_ids` (default {eos_id}) where
+        generation ends, `special_tokens_map` the template's {"bos_token": text, ...} variables and `hf_config`
+        the Hugging Face config files it was read with, carried forward when it is saved."""
         missing = [i for i in range(256) if bytes([i]) not in mergeable_ranks]
         if missing:
             raise ValueError(f"mergeable_ranks lacks single-byte tokens {missing[:8]}...: every byte needs a token")
+        num_ordinary = len(mergeable_ranks)
+        self.end_id = None  # nanostack's end-of-turn token
+        if special_tokens is None:
+            if sorted(mergeable_ranks.values()) != list(range(num_ordinary)):
+                raise ValueError(f"mergeable_ranks must use each rank 0..{num_ordinary - 1} exactly once")
+            special_tokens = {token: num_ordinary + i for i, token in enumerate(SPECIAL_TOKENS)}
+            bos_id, eos_id, self.end_id = (special_tokens[t] for t in ("<|bos|>", "<|eos|>", "<|end|>"))
+            stop_ids = (eos_id, self.end_id)
+            special_tokens_map = {"bos_token": "<|bos|>", "eos_token": "<|eos|>"}
         self.mergeable_ranks = dict(mergeable_ranks)
-        self.pattern = pattern
-        self.name = name
-        self.special_tokens = {token: num_ordinary + i for i, token in enumerate(SPECIAL_TOKENS)}
-        self.vocab_size = num_ordinary + len(SPECIAL_TOKENS)
+        self.pattern, self.name, self.normalizer = pattern, name, normalizer
+        self.special_tokens = dict(special_tokens)
+        self.text_tokens = frozenset(text_tokens)
+        if not self.text_tokens <= self.special_tokens.keys():
+            raise ValueError(f"text_tokens {sorted(self.text_tokens - self.special_tokens.keys())} are not in "
+                             f"special_tokens")
+        if normalizer not in (None, "NFC"):
+            raise ValueError(f"normalizer must be None or 'NFC', got {normalizer!r}")
+
+        # tiktoken returns ranks as ids. When the ids are not the ranks, its specials get the ranks after the
+        # ordinary ones and _rank_to_id / _id_to_rank translate at the boundary (encode, decode).
+        self.token_ids = None if token_ids is None else list(token_ids)
+        self._rank_to_id = self._id_to_rank = None
+        if self.token_ids is None:
+            ordinary_ids, encoding_specials = list(self.mergeable_ranks.values()), self.special_tokens
+        else:
+            if sorted(self.mergeable_ranks.values()) != list(range(len(self.token_ids))):
+                raise ValueError(f"with token_ids, mergeable_ranks must use each rank 0..{len(self.token_ids) - 1} "
+                                 f"exactly once")
+            ordinary_ids = self.token_ids
+            encoding_specials = {token: len(self.token_ids) + i for i, token in enumerate(self.special_tokens)}
+            self._rank_to_id = self.token_ids + list(self.special_tokens.values())
+            self._id_to_rank = {token_id: rank for rank, token_id in enumerate(self._rank_to_id)}
+        all_ids = [*ordinary_ids, *self.special_tokens.values()]
+        if len(set(all_ids)) != len(all_ids) or min(all_ids) < 0:
+            raise ValueError("token ids must be distinct and non-negative; two tokens (or a special and an ordinary "
+                             "token) share an id")
+        self.vocab_size = max(all_ids) + 1
         self.encoding = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=self.mergeable_ranks,
-                                          special_tokens=self.special_tokens)
-        self.bos_id = self.special_tokens["<|bos|>"]
-        self.eos_id = self.special_tokens["<|eos|>"]
-        self.end_id = self.special_tokens["<|end|>"]
-        self.stop_ids = {self.eos_id, self.end_id}
+                                          special_tokens=encoding_specials)
+
+        known = set(all_ids)
+        if eos_id not in known or (bos_id is not None and bos_id not in known):
+            raise ValueError(f"bos_id {bos_id!r} / eos_id {eos_id!r} must be token ids of this vocabulary")
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.stop_ids = set(stop_ids) if stop_ids is not None else {eos_id}
+        if not self.stop_ids <= known:
+            raise ValueError(f"stop ids {sorted(self.stop_ids - known)} are not token ids of this vocabulary")
+        self.chat_template = chat_template
+        self._template = None if chat_template is None else compile_chat_template(chat_template)
+        self.special_tokens_map = dict(special_tokens_map or {})
+        self.hf_config = hf_config
+
+        # Plain text splits only on text_tokens. A rendered chat splits on every special token, except the
+        # control-token text that the caller's strings brought in, which render_chat marks (see mark_controls).
+        controls = _alternation(self.special_tokens.keys() - self.text_tokens)
+        self._control_pattern = regex.compile(controls)
+        self._chat_splitter = regex.compile(f"{CONTROL_START}(?P<text>{controls}){CONTROL_END}|(?P<token>"
+                                            f"{_alternation(self.special_tokens)})|[{CONTROL_START}{CONTROL_END}]")
+        self._text_splitter = (regex.compile(f"(?P<token>{_alternation(self.text_tokens)})") if self.text_tokens
+                               else None)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
@@ -288,61 +359,125 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
+    def differences(self, other: "Tokenizer") -> list[str]:
+        """What would make `other` turn text into other ids than this tokenizer does (empty: token for token)."""
+        return [what for what, mine, theirs in (
+            ("vocabulary size", self.vocab_size, other.vocab_size),
+            ("merges", self.mergeable_ranks, other.mergeable_ranks),
+            ("token ids", self.token_ids, other.token_ids),
+            ("special tokens", self.special_tokens, other.special_tokens),
+            ("added tokens matched in text", self.text_tokens, other.text_tokens),
+            ("split pattern", self.pattern, other.pattern),
+            ("normalizer", self.normalizer, other.normalizer)) if mine != theirs]
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of ordinary text: special-token strings in it are encoded as text."""
-        return self.encoding.encode_ordinary(text)
+        """Token ids of ordinary text: special-token strings in it are encoded as text (a Hugging Face
+        tokenizer's non-special added tokens, like <think>, are matched, as `tokenizers` does)."""
+        if self._text_splitter is None:
+            return self._encode_ordinary(text)
+        return self._encode_split(text, self._text_splitter)
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
-        """`encode` of many texts on `num_threads` threads (tiktoken releases the GIL)."""
-        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        """`encode` of many texts, on `num_threads` threads (tiktoken releases the GIL) when nothing needs Python."""
+        texts = list(texts)
+        if self._text_splitter or self.normalizer or self.token_ids:
+            return [self.encode(text) for text in texts]
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """BPE of text that holds no added token (after the normalizer, as Hugging Face does)."""
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        ranks = self.encoding.encode_ordinary(text)
+        return ranks if self._rank_to_id is None else [self._rank_to_id[rank] for rank in ranks]
+
+    def _encode_split(self, text: str, splitter) -> list[int]:
+        """Ids of text in which `splitter` finds added tokens ("token" group), marked control-token text
+        that stays text ("text" group) and stray marks (no group, dropped); the text between is BPE-encoded."""
+        ids, pending, position = [], [], 0
+        for match in splitter.finditer(text):
+            pending.append(text[position:match.start()])
+            position = match.end()
+            if match.lastgroup == "token":
+                ids += self._encode_ordinary("".join(pending))
+                ids.append(self.special_tokens[match["token"]])
+                pending = []
+            elif match.lastgroup == "text":
+                pending.append(match["text"])
+        pending.append(text[position:])
+        return ids + self._encode_ordinary("".join(pending))
 
     def decode(self, ids) -> str:
         """Text of token ids (a list, numpy array or tensor); broken UTF-8 becomes U+FFFD."""
-        return self.encoding.decode(_int_list(ids), errors="replace")
+        return self.encoding.decode(self._ranks(ids), errors="replace")
 
     def decode_bytes(self, ids) -> bytes:
         """Raw bytes of token ids; special tokens decode to their marker text."""
-        return self.encoding.decode_bytes(_int_list(ids))
+        return self.encoding.decode_bytes(self._ranks(ids))
+
+    def _ranks(self, ids) -> list[int]:
+        ids = _int_list(ids)
+        return ids if self._id_to_rank is None else [self._id_to_rank[token_id] for token_id in ids]
+
+    def vocabulary(self) -> list[tuple[bytes, int]]:
+        """(bytes, id) of each ordinary token, in rank order (the merge order)."""
+        by_rank = sorted(self.mergeable_ranks, key=self.mergeable_ranks.__getitem__)
+        return list(zip(by_rank, self.token_ids or [self.mergeable_ranks[token] for token in by_rank]))
 
     def token_bytes(self) -> list[int]:
         """UTF-8 byte length of each token id, 0 for specials: turns a loss in nats/token into bits/byte."""
         lengths = [0] * self.vocab_size
-        for token, rank in self.mergeable_ranks.items():
-            lengths[rank] = len(token)
+        for token, token_id in self.vocabulary():
+            lengths[token_id] = len(token)
         return lengths
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """The chat template: ids and a loss mask (1 on assistant content and its closing <|end|>).
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+        """The chat template: ids and a loss mask (1 on each assistant reply and its end-of-turn token).
 
-        <|bos|> then, per message, its role marker, the content tokens and <|end|>. With
-        add_generation_prompt, a final <|assistant|> (mask 0) asks the model for the next reply.
+        The template (nanostack/chat_template.py) renders the text as transformers' apply_chat_template does,
+        `tools` passed through; special-token text inside the messages stays text. nanostack's own: <|bos|>,
+        then per message its role marker, the content and <|end|>; add_generation_prompt adds <|assistant|>.
+        The mask comes from rendering prefixes (chat_template.reply_span), so it holds for any template.
         """
-        if not isinstance(messages, (list, tuple)):
-            raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-        ids, mask = [self.bos_id], [0]
-        for position, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise TypeError(f"messages[{position}] must be a dict, got {type(message).__name__}")
-            role, content = message.get("role"), message.get("content")
-            if role not in ROLE_TOKENS:
-                raise ValueError(f"messages[{position}] has role {role!r}; expected one of {sorted(ROLE_TOKENS)}")
-            if not isinstance(content, str):
-                raise TypeError(f"messages[{position}]['content'] must be a string, got {type(content).__name__}")
-            trained = 1 if role == "assistant" else 0
-            content_ids = self.encode(content)
-            ids += [self.special_tokens[ROLE_TOKENS[role]], *content_ids, self.end_id]
-            mask += [0] + [trained] * (len(content_ids) + 1)
-        if add_generation_prompt:
-            ids.append(self.special_tokens["<|assistant|>"])
-            mask.append(0)
+        _check_messages(messages)
+        ids = self._render_ids(messages, add_generation_prompt, tools)
+        mask = [0] * len(ids)
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant":
+                before, prompt = (self._render_ids(messages[:index], prompt, tools) for prompt in (False, True))
+                last = index == len(messages) - 1 and not add_generation_prompt
+                turn = ids if last else self._render_ids(messages[:index + 1], False, tools)
+                start, end = reply_span(ids, before, prompt, turn, self.stop_ids, f"messages[{index}]")
+                mask[start:end] = [1] * (end - start)
         return ids, mask
 
-    def save(self, path) -> None:
-        """Write the tokenizer as JSON, atomically: a temp file beside `path`, fsync, rename.
+    def render_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The ids that ask for the next assistant reply: render_chat's ids with add_generation_prompt, without
+        the renders that the loss mask takes (a server's prompt)."""
+        _check_messages(messages)
+        return self._render_ids(messages, True, tools)
 
-        Format: {"format": "nanostack-tokenizer", "version": 1, "name", "pattern",
-        "ranks": [base64 of token bytes, index = rank], "specials": {token: id}}.
+    def _render_ids(self, messages, add_generation_prompt: bool, tools) -> list[int]:
+        """Token ids of the template rendered on the messages, their control-token text kept as text."""
+        if self._template is None:
+            raise ValueError(f"tokenizer {self.name!r} has no chat template (its tokenizer_config.json has no "
+                             f"chat_template): it cannot render conversations")
+        text = render_template(self._template, mark_controls(messages, self._control_pattern), add_generation_prompt,
+                               mark_controls(tools, self._control_pattern), self.special_tokens_map)
+        return self._encode_split(text, self._chat_splitter)
+
+    def save(self, path) -> None:
+        """Write the tokenizer atomically (a temp file beside `path`, fsync, rename).
+
+        nanostack's own: one JSON file, {"format": "nanostack-tokenizer", "version": 1, "name", "pattern",
+        "ranks": [base64 of token bytes, index = rank], "specials": {token: id}}. A tokenizer read from Hugging
+        Face files is written in that format again: `path` is its tokenizer.json, and tokenizer_config.json and
+        generation_config.json go beside it (see save_hf).
         """
+        if self.hf_config is not None:
+            hf_tokenizer.write_hf_files(self, path)
+            return
         by_rank = sorted(self.mergeable_ranks, key=self.mergeable_ranks.__getitem__)
         state = {"format": FILE_FORMAT, "version": FILE_VERSION, "name": self.name, "pattern": self.pattern,
                  "ranks": [base64.b64encode(token).decode("ascii") for token in by_rank],
@@ -350,9 +485,16 @@ class Tokenizer:
         with atomic_file(path, "w") as f:
             json.dump(state, f)
 
+    def save_hf(self, directory) -> None:
+        """Write tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json (bos
+        and eos ids) into `directory`, for Hugging Face `tokenizers` and transformers' AutoTokenizer: they encode
+        as this tokenizer does and apply_chat_template gives render_chat's ids."""
+        hf_tokenizer.write_hf_files(self, Path(directory) / "tokenizer.json")
+
     @classmethod
     def load(cls, path) -> "Tokenizer":
-        """Read a file written by `save`; a missing, truncated or foreign file raises a clear error."""
+        """Read a file written by `save`, or a Hugging Face tokenizer.json (with the tokenizer_config.json and
+        generation_config.json beside it); a missing, truncated or foreign file raises a clear error."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer file at {path}")
@@ -361,9 +503,16 @@ class Tokenizer:
                 state = json.load(f)
             except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for a binary file
                 raise ValueError(f"{path} is not valid JSON (truncated or not a tokenizer file?): {error}") from None
+        if isinstance(state, dict) and "format" not in state and isinstance(state.get("model"), dict):
+            arguments = hf_tokenizer.read_hf_tokenizer(path, state)
+            try:
+                return cls(**arguments)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
         if not isinstance(state, dict) or state.get("format") != FILE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"{path} is not a nanostack tokenizer: format is {found!r}, expected {FILE_FORMAT!r}")
+            raise ValueError(f"{path} is not a nanostack tokenizer: format is {found!r}, expected {FILE_FORMAT!r} "
+                             f"(or a Hugging Face tokenizer.json, which has a \"model\" and no \"format\")")
         if state.get("version") != FILE_VERSION:
             raise ValueError(f"{path} has tokenizer file version {state.get('version')!r}; "
                              f"this code reads version {FILE_VERSION}")
@@ -378,6 +527,27 @@ class Tokenizer:
         return tokenizer
 
 
+def _check_messages(messages) -> None:
+    """Check the messages render_chat takes: a list of dicts, each with a string role and string content."""
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(f"messages[{position}] must be a dict, got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{position}] has role {message.get('role')!r}; expected a string "
+                             f"like 'user'")
+        if not isinstance(message.get("content"), str):
+            raise TypeError(f"messages[{position}]['content'] must be a string, got "
+                            f"{type(message.get('content')).__name__}")
+
+
 def _int_list(ids) -> list[int]:
     """A plain list of ints from a list, tuple, numpy array or torch tensor."""
     return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+def _alternation(tokens) -> str:
+    """A regex matching any of `tokens`, longest first (so "<|im_end|>" wins over a prefix of it); never
+    matches when there are none."""
+    return "|".join(regex.escape(token) for token in sorted(tokens, key=len, reverse=True)) or "(?!)"

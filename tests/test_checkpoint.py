@@ -1,4 +1,4 @@
-"""Checkpoints: round trips, integrity checks, atomicity, retention, and Hugging Face interop."""
+"""Checkpoints: round trips, integrity checks, atomicity, retention."""
 import json
 
 import pytest
@@ -72,8 +72,8 @@ def test_foreign_and_missing_directories_give_clear_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.resolve_checkpoint(tmp_path / "nothing")
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(checkpoint.CheckpointError, match="not a nanostack-checkpoint"):
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(checkpoint.CheckpointError, match="neither a nanostack-checkpoint config"):
         checkpoint.read_config(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text('{"format": "nanostack-checkpoint", "vers')
     with pytest.raises(checkpoint.CheckpointError, match="not valid JSON"):
@@ -133,23 +133,34 @@ def test_optimizer_and_rng_state_round_trip(tokenizer, tmp_path):
     assert torch.equal(torch.rand(5), expected)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"n_expert": 4, "n_expert_active": 2}])
-def test_hugging_face_export_gives_the_same_logits(tmp_path, tokenizer, overrides):
-    transformers = pytest.importorskip("transformers")
-    config = tiny_config(tokenizer, **overrides)
-    model = make_model(config).eval()
-    checkpoint.save_checkpoint(tmp_path / "ckpt", model.state_dict(), config, tokenizer)
-    checkpoint.export_hf(tmp_path / "ckpt", tmp_path / "hf")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
-    expected = "MixtralForCausalLM" if config.n_expert else "LlamaForCausalLM"
-    assert type(hf_model).__name__ == expected
-    idx = tokens(config, length=20)
-    with torch.no_grad():
-        ours, theirs = model(idx), hf_model(idx).logits
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+def test_serving_quant_and_export_read_only_the_model_files(tmp_path, tokenizer):
+    """A damaged optimizer or trainer state does not stop serve.py, quant or export: they need the weights,
+    the config and the tokenizer only (issue 22, item 8)."""
+    from nanostack import hf, quant
+    from nanostack.serving.tensor_parallel import ModelSpec, load_model
+    config = tiny_config(tokenizer)
+    model = make_model(config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(tokens(config), tokens(config)).backward()
+    optimizer.step()
+    directory = checkpoint.save_checkpoint(
+        tmp_path / "ckpt", distributed.full_model_state(model), config, tokenizer,
+        optimizer_state=distributed.full_optimizer_state(model, optimizer), trainer_state={"step": 1})
+    (directory / "optimizer.safetensors").write_bytes(b"\0" * 100)
+    (directory / "trainer_state.json").write_text('{"step": ')
+    served = load_model(ModelSpec(str(directory), "cpu", torch.float32))["model"]
+    assert torch.equal(served.tok_emb.weight, model.tok_emb.weight)
+    assert quant.main(["--model", str(directory), "--out", str(tmp_path / "q")]) == 0
+    hf.export_hf(directory, tmp_path / "hf")
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.safetensors has 100 bytes"):
+        checkpoint.verify_manifest(directory)  # resuming training still refuses it
 
-    imported_config, state = checkpoint.import_hf(tmp_path / "hf")
-    assert imported_config == config
-    reloaded = GPT(imported_config)
-    checkpoint.load_weights(reloaded, state)
-    assert torch.equal(reloaded(idx), model(idx))
+
+def test_serve_names_the_missing_config_json(tmp_path, tokenizer):
+    import serve
+    config = tiny_config(tokenizer)
+    directory = checkpoint.save_checkpoint(tmp_path / "ckpt", make_model(config).state_dict(), config, tokenizer)
+    (directory / "config.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt/config.json is missing: .* holds manifest.json, "
+                                                         r"model.safetensors, tokenizer.json"):
+        serve.main(["--model", str(directory)])

@@ -314,9 +314,9 @@ def test_triton_kernel_path_matches_the_torch_path(tokenizer, sharpened_model, m
     torch_path = model_module.paged_attention
     compared = []
 
-    def both_paths(q, k, v, k_pool, v_pool, batch):
-        expected = torch_path(q, k, v, k_pool, v_pool, batch, use_kernels=False)
-        got = torch_path(q, k, v, k_pool, v_pool, batch, use_kernels=True)
+    def both_paths(q, k, v, k_pool, v_pool, batch, window=0):
+        expected = torch_path(q, k, v, k_pool, v_pool, batch, use_kernels=False, window=window)
+        got = torch_path(q, k, v, k_pool, v_pool, batch, use_kernels=True, window=window)
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
         compared.append((batch.num_prefill_tokens, q.shape[0] - batch.num_prefill_tokens))
         return expected

@@ -133,7 +133,7 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_last_checkpoint(tmp_pat
         assert advice in message
     # The step-2 checkpoint, saved before the failure, is intact and loads.
     assert checkpoint.resolve_checkpoint(tmp_path / "run").name == "step_000002"
-    assert checkpoint.load_checkpoint(tmp_path / "run")["trainer_state"]["step"] == 2
+    assert checkpoint.read_trainer_state(tmp_path / "run")["step"] == 2
 
     def objective_with_a_bug(model, batch):
         raise KeyError("a bug, not a setting")

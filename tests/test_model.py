@@ -36,7 +36,12 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def make_model(seed=0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides)).double().eval()
+    model = GPT(tiny_config(**overrides)).double().eval()
+    with torch.no_grad():  # biases start at zero: make them count (no draw at all for bias-free models)
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+    return model
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,8 +53,9 @@ def cached_model(**overrides) -> GPT:
 # ----------------------------------------------------------------------------------------------------------
 # Naive float64 references
 
-def naive_attention(q, k, v, causal, doc_ids=None):
-    """Row by row: query i of T sits at key position S - T + i and sees keys allowed by causality and doc."""
+def naive_attention(q, k, v, causal, doc_ids=None, window=0):
+    """Row by row: query i of T sits at key position S - T + i and sees keys allowed by causality, doc and the
+    sliding window (its own position and the window - 1 before it)."""
     batch, q_len, n_head, head_dim = q.shape
     k_len, n_kv_head = k.shape[1], k.shape[2]
     group = n_head // n_kv_head
@@ -60,7 +66,7 @@ def naive_attention(q, k, v, causal, doc_ids=None):
             for i in range(q_len):
                 query_pos = k_len - q_len + i
                 allowed = [j for j in range(k_len)
-                           if (not causal or j <= query_pos)
+                           if (not causal or j <= query_pos) and (not window or query_pos - j < window)
                            and (doc_ids is None or doc_ids[b, j] == doc_ids[b, query_pos])]
                 scores = [float(q[b, i, h].double() @ k[b, j, kv_head].double()) / math.sqrt(head_dim)
                           for j in allowed]
@@ -111,17 +117,19 @@ def naive_moe(moe: MoE, x):
 # ----------------------------------------------------------------------------------------------------------
 # Pieces
 
-@pytest.mark.parametrize("q_len, k_len, n_kv_head, causal, with_docs", [
-    (7, 7, 4, True, False), (7, 7, 4, False, False), (6, 6, 2, True, False),
-    (3, 8, 2, True, False), (1, 8, 1, True, False), (3, 8, 2, False, False),
-    (8, 8, 2, True, True), (3, 8, 4, True, True)])
-def test_attention_matches_naive(q_len, k_len, n_kv_head, causal, with_docs):
+@pytest.mark.parametrize("q_len, k_len, n_kv_head, causal, with_docs, window", [
+    (7, 7, 4, True, False, 0), (7, 7, 4, False, False, 0), (6, 6, 2, True, False, 0),
+    (3, 8, 2, True, False, 0), (1, 8, 1, True, False, 0), (3, 8, 2, False, False, 0),
+    (8, 8, 2, True, True, 0), (3, 8, 4, True, True, 0),
+    (8, 8, 2, True, False, 3), (3, 8, 2, True, False, 2), (1, 8, 1, True, False, 4), (8, 8, 2, True, True, 2),
+    (6, 6, 2, True, False, 6)])
+def test_attention_matches_naive(q_len, k_len, n_kv_head, causal, with_docs, window):
     torch.manual_seed(1)
     q = torch.randn(2, q_len, 4, 8, dtype=torch.float64)
     k, v = (torch.randn(2, k_len, n_kv_head, 8, dtype=torch.float64) for _ in range(2))
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [5, 5, 5, 5, 5, 7, 7, 7]])[:, :k_len] if with_docs else None
-    got = attention(q, k, v, causal=causal, doc_ids=doc_ids)
-    torch.testing.assert_close(got, naive_attention(q, k, v, causal, doc_ids), rtol=1e-10, atol=1e-10)
+    got = attention(q, k, v, causal=causal, doc_ids=doc_ids, window=window)
+    torch.testing.assert_close(got, naive_attention(q, k, v, causal, doc_ids, window), rtol=1e-10, atol=1e-10)
 
 
 def test_attention_rejects_bad_shapes():
@@ -263,7 +271,11 @@ def test_one_expert_top1_moe_equals_dense_mlp():
     torch.testing.assert_close(moe(idx), dense(idx), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_expert": 4}])
+# The Qwen/Mistral options together: biases, per-head q/k norms, a head_dim of its own, a sliding window.
+NEW_OPTIONS = {"qkv_bias": True, "qk_norm": True, "head_dim": 12, "sliding_window": 4}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_expert": 4}, NEW_OPTIONS])
 def test_packed_row_equals_documents_run_alone(overrides):
     model = make_model(seed=12, **overrides)
     doc_lengths = [[5, 3, 8], [7, 4, 5]]
@@ -299,7 +311,7 @@ def test_positions_restart_at_each_document():
     assert positions.tolist() == expected_pos and doc_index.tolist() == expected_doc
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_expert": 4, "n_expert_active": 2}, {"n_kv_head": 1}])
+@pytest.mark.parametrize("overrides", [{}, {"n_expert": 4, "n_expert_active": 2}, {"n_kv_head": 1}, NEW_OPTIONS])
 def test_kv_cache_decoding_equals_full_forward(overrides):
     model = make_model(seed=13, **overrides)
     idx = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(3))
@@ -480,7 +492,9 @@ def test_from_depth_and_learning_rate():
     dict(n_head=4, n_kv_head=3), dict(n_embd=30, n_head=4), dict(n_embd=12, n_head=4),
     dict(n_expert=2, n_expert_active=3), dict(n_expert=2, n_expert_active=0), dict(n_layer=0),
     dict(vocab_size=0), dict(mlp_hidden=-1), dict(rope_theta=0.0), dict(norm_eps=-1e-5),
-    dict(moe_z_loss_coef=-0.1)])
+    dict(moe_z_loss_coef=-0.1), dict(head_dim=7), dict(sliding_window=-1),
+    dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), dict(rope_scaling={"rope_type": "linear"}),
+    dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 8})])
 def test_config_validation_raises_value_error(kwargs):
     with pytest.raises(ValueError):
         ModelConfig(**kwargs)

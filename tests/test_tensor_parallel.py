@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SEQ_LEN = 160
 VARIANTS = {"gqa": dict(n_head=4, n_kv_head=2), "moe": dict(n_expert=4, n_expert_active=2, n_kv_head=2),
-            "tied": dict(n_head=4, n_kv_head=4, tie_embeddings=True)}
+            "tied": dict(n_head=4, n_kv_head=4, tie_embeddings=True),
+            "qwen": dict(n_head=4, n_kv_head=2, head_dim=24, qkv_bias=True, qk_norm=True, sliding_window=8)}
 ENGINE = dict(block_size=8, num_blocks=64, max_num_seqs=6, max_num_batched_tokens=48)
 
 
@@ -77,6 +78,10 @@ def _split_logits_rank(rank: int, world_size: int, port: int, results_path: str)
     for name, overrides in VARIANTS.items():
         torch.manual_seed(0)
         whole = GPT(ModelConfig(vocab_size=96, n_layer=2, n_embd=64, max_seq_len=32, **overrides)).eval()
+        with torch.no_grad():  # biases and q/k norms start at 0 and 1: make them count (split with their heads)
+            for param_name, param in whole.named_parameters():
+                if param_name.endswith((".bias", "q_norm.weight", "k_norm.weight")):
+                    param.normal_(0.0, 0.5)
         idx = torch.randint(96, (2, 24), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             expected = whole(idx)

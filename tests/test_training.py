@@ -170,7 +170,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tokenizer, tmp_
         training.train(model, explodes_at_step_5, RandomBatches(config.vocab_size), cfg, model_config=config,
                        tokenizer=tokenizer)
     last = checkpoint.load_checkpoint(tmp_path)
-    assert last["trainer_state"]["step"] == 4
+    assert checkpoint.read_trainer_state(tmp_path)["step"] == 4
     assert all(torch.isfinite(p).all() for p in last["model"].parameters())
 
 
@@ -191,7 +191,7 @@ def test_train_script_end_to_end_and_resume(tmp_path):
     second = subprocess.run(common + ["--steps", "6", "--resume", "true"], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
-    assert checkpoint.load_checkpoint(tmp_path / "run")["trainer_state"]["step"] == 6
+    assert checkpoint.read_trainer_state(tmp_path / "run")["step"] == 6
     missing = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "true", "--out-dir",
                               str(tmp_path / "nowhere"), "--tokenizer", str(tmp_path / "tok.json"), "--source",
                               str(corpus)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -236,7 +236,7 @@ def test_fp16_overflowing_step_is_skipped_and_counted(tokenizer, tmp_path):
     weights = [checkpoint.load_checkpoint(tmp_path / f"step_{s:06d}")["model"].state_dict() for s in (1, 2, 3)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 changed nothing
     assert not all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
-    state = checkpoint.load_checkpoint(tmp_path)["trainer_state"]
+    state = checkpoint.read_trainer_state(tmp_path)
     assert state["skipped_steps"] == 1 and state["grad_scaler"]["scale"] == 32768.0
 
 
@@ -246,7 +246,7 @@ def test_fp16_resume_restores_the_loss_scaler_bitwise(tokenizer, tmp_path):
         fp16_run(tokenizer, tmp_path / "cut", steps=6, fail_at=4, boost_at=1)
     resumed = fp16_run(tokenizer, tmp_path / "cut", steps=6, resume=True, boost_at=1)
     assert read_losses(tmp_path / "cut") == read_losses(tmp_path / "full")
-    states = [checkpoint.load_checkpoint(tmp_path / run)["trainer_state"] for run in ("full", "cut")]
+    states = [checkpoint.read_trainer_state(tmp_path / run) for run in ("full", "cut")]
     assert states[0]["grad_scaler"] == states[1]["grad_scaler"] and states[0]["skipped_steps"] == 1
     assert states[0]["grad_scaler"]["_growth_tracker"] == 4  # good steps since the skip: a live state, restored
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):

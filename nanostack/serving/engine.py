@@ -31,6 +31,7 @@ The engine is synchronous and single-threaded: api.py runs it on a thread of its
 import codecs
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -146,19 +147,21 @@ class Engine:
         if config.kv_cache_memory:
             return num_blocks_for_budget(self.model.kv_layout(), config.kv_cache_memory, config.block_size, self.dtype)
         wanted = config.max_num_seqs * math.ceil(max_len / config.block_size)
+        # Hub models have 32k-128k contexts: max_num_seqs of them rarely fit, on a GPU or in a laptop's memory.
         if self.device.type == "cuda":
             free_bytes, _ = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations and logits; the rest of the free memory may hold K/V.
-            affordable = int(0.8 * free_bytes) // kv_bytes_per_block(self.model.kv_layout(), config.block_size, self.dtype)
-            wanted = min(wanted, affordable)
-        return max(wanted, 1)
+        else:
+            free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        # Leave room for activations and logits; the rest of the free memory may hold K/V.
+        affordable = int(0.8 * free_bytes) // kv_bytes_per_block(self.model.kv_layout(), config.block_size, self.dtype)
+        return max(min(wanted, affordable), 1)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None,
                         speculator: Speculator | None = None, **config_fields) -> "Engine":
         """An engine over a checkpoint's model and tokenizer; config_fields are EngineConfig fields."""
         from nanostack.quant import load_for_serving  # plain or int8-quantized checkpoints alike
-        loaded = load_for_serving(path, device)
+        loaded = load_for_serving(path, device, dtype)
         model = loaded["model"] if dtype is None else loaded["model"].to(dtype)
         return cls(model, loaded["tokenizer"], EngineConfig(**config_fields), speculator)
 

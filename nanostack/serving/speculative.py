@@ -197,6 +197,9 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig | None = None, draft_model=None):
         self.config = config or SpeculativeConfig()
         self.draft_model = draft_model.eval() if draft_model is not None else None
+        # Positions of a draft's KV cache: set by check_target from the engine's max_model_len, as a Hub model's
+        # max_seq_len (32k-128k) would make every request's contiguous cache gigabytes.
+        self.cache_len = draft_model.config.max_seq_len if draft_model is not None else 0
         self.states: dict[object, _DraftState] = {}
         self.stats = SpecStats(accepted_per_position=[0] * self.config.num_speculative_tokens)
         self.recent = deque(maxlen=self.config.window)  # 1 per accepted draft token, 0 per rejected one
@@ -208,11 +211,11 @@ class Speculator:
         """A draft-model speculator over a (smaller) checkpoint, which must share `target_tokenizer` if given
         (read from `target_path`, named in the error)."""
         from nanostack.checkpoint import load_checkpoint, require_same_tokenizer
-        loaded = load_checkpoint(path, device)
+        loaded = load_checkpoint(path, device, dtype=dtype)
         if target_tokenizer is not None:
             require_same_tokenizer(target_tokenizer, target_path or "the target's tokenizer.json", loaded["tokenizer"],
                                    loaded["directory"] / "tokenizer.json", "draft model")
-        return cls(config, loaded["model"] if dtype is None else loaded["model"].to(dtype))
+        return cls(config, loaded["model"])
 
     def check_target(self, target_config, max_model_len: int) -> None:
         """Refuse a draft model that cannot stand in for the target: other vocabulary or shorter context."""
@@ -225,6 +228,8 @@ class Speculator:
         if draft_config.max_seq_len < max_model_len:
             raise ValueError(f"draft max_seq_len={draft_config.max_seq_len} is shorter than max_model_len="
                              f"{max_model_len}; use a draft with a longer context or lower max_model_len")
+        # The draft sees a sequence (<= max_model_len tokens) plus its own K - 1 fed-back guesses at most.
+        self.cache_len = min(draft_config.max_seq_len, max_model_len + self.config.num_speculative_tokens)
 
     def enabled(self, num_running: int) -> bool:
         """The off-switch: speculate this step? No above max_batch_size, rarely while acceptance is poor."""
@@ -265,7 +270,7 @@ class Speculator:
         state = self.states.get(seq.request_id)
         if state is None:
             seed = None if params.seed is None else (params.seed + DRAFT_SEED_OFFSET) % 2**63
-            state = _DraftState(KVCache(model.config, 1, model.config.max_seq_len, device, model.norm.weight.dtype),
+            state = _DraftState(KVCache(model.config, 1, self.cache_len, device, model.norm.weight.dtype),
                                 [], make_generator(seed, device))
             self.states[seq.request_id] = state
         # Rollback: keep the longest prefix the cache shares with the sequence (at least one token is fed).

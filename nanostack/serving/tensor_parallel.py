@@ -11,7 +11,9 @@ A linear y = x W^T can be cut two ways over W ranks:
 A column-parallel layer followed by a row-parallel one needs a single all-reduce, at the end:
 
     attention   wq, wk, wv column-parallel: each rank owns n_head/W query heads and n_kv_head/W K/V heads, whole
-                heads and whole GQA groups, so attention runs locally on them; wo row-parallel, all-reduce
+                heads and whole GQA groups, so attention runs locally on them (q/k/v biases split with their
+                heads; the per-head q/k norms are one weight shared by every head, kept whole); wo row-parallel,
+                all-reduce
     dense MLP   w_gate, w_up column-parallel (a slice of the hidden units: SwiGLU is elementwise on them);
                 w_down row-parallel, all-reduce
     MoE         the router is replicated, so every rank routes every token identically; each expert is split like
@@ -106,6 +108,8 @@ def shard_model(model: GPT, rank: int, world_size: int) -> GPT:
         attn = layer.attn
         for linear in (attn.wq, attn.wk, attn.wv):
             _keep_slice(linear, "weight", 0, rank, world_size)  # whole heads: rows are head-major
+            if linear.bias is not None:
+                _keep_slice(linear, "bias", 0, rank, world_size)
         _keep_slice(attn.wo, "weight", 1, rank, world_size)
         attn.n_head, attn.n_kv_head = attn.n_head // world_size, attn.n_kv_head // world_size
         # On the Attention and MLP/MoE modules, not their linears: quantization may replace those afterwards.
@@ -130,7 +134,7 @@ def load_model(spec: ModelSpec, rank: int = 0, world_size: int = 1) -> dict:
     Returns load_for_serving's dict with "model" replaced by this rank's model."""
     from nanostack.quant import load_for_serving, quantize_model  # quant imports the serving engine's neighbours
     device = spec.device if rank == 0 else (f"cuda:{rank}" if torch.device(spec.device).type == "cuda" else "cpu")
-    loaded = load_for_serving(spec.path, "cpu" if world_size > 1 else device)
+    loaded = load_for_serving(spec.path, "cpu" if world_size > 1 else device, spec.dtype)
     model = loaded["model"].to(spec.dtype)  # cast first: quantization reads the weights in the dtype they will be served in
     model = shard_model(model, rank, world_size)
     if spec.quant:
