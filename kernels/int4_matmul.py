@@ -20,8 +20,8 @@ pulled out of the sum over K as in the int8 kernels, since it changes every G co
 Split-K. At decode sizes there are too few output tiles to keep every SM streaming weights (N = 1024 in
 32-wide tiles is 32 programs for an H100's 132 SMs), and a single program per SM has too few bytes in flight
 to approach the memory bandwidth. So small M splits the K range over SPLIT_K programs per tile (`_split_k`:
-about four programs per SM, each at least four K steps long); each writes an fp32 partial tile, and the
-partials are summed in a fixed order afterwards, so results do not depend on scheduling.
+about four programs per SM, each at least four K steps long); each writes an fp32 partial tile, and one more
+small kernel sums them in a fixed order (so results do not depend on scheduling), adds the bias and casts.
 
 `int4_matmul_reference` is the same computation in plain torch (dequantize, then one matmul in fp32): the CPU
 path, and what the kernel is tested against.
@@ -35,6 +35,7 @@ import triton.language as tl
 from kernels.int8_matmul import ACTIVATION_DTYPES, INTERPRET, _m_bucket, _tile_offsets, dot_dtype_and_precision
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+SUM_BLOCK = 1024  # outputs per program of the split-K sum
 MIN_GROUP_SIZE = 32  # two dots of BLOCK_K / 2 each need BLOCK_K / 2 >= 16, the smallest tl.dot
 # Under the interpreter 32-wide steps give the tests' small shapes several steps per group.
 MAX_BLOCK_K = 32 if INTERPRET else 64
@@ -89,6 +90,19 @@ def _w4a16_matmul_kernel(X, W, Scale, Zero, Bias, C, M, N, K, M_BUCKET, SPLIT_K,
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=store_mask)
 
 
+@triton.jit
+def _sum_splits_kernel(P, Bias, C, N, SPLIT_K, TOTAL, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """C (M, N) = the sum over splits of the fp32 partials P (SPLIT_K, M, N), in split order (+ bias), in C's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat indices m * N + n
+    mask = offs < TOTAL
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(P + split * TOTAL + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=mask)
+
+
 @functools.lru_cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -128,8 +142,8 @@ def int4_matmul(x, packed, scale, zero, *, bias=None, split_k: int | None = None
                                HAS_BIAS=bias is not None and split_k == 1, DOT_DTYPE=dot_dtype,
                                DOT_PRECISION=dot_precision)
     if split_k > 1:
-        summed = target.sum(0)  # (M, N)
-        out.copy_(summed if bias is None else summed + bias.float())
+        _sum_splits_kernel[(triton.cdiv(M * N, SUM_BLOCK),)](target, out if bias is None else bias, out, N, split_k,
+                                                             M * N, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
     return out
 
 
