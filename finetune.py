@@ -11,7 +11,9 @@ The default data is built from the standard library's own docstrings (nanostack/
 download; `--data file.jsonl` takes OpenAI-style {"messages": [...]} lines (sft, distill) or
 {"prompt", "chosen", "rejected"} lines (dpo). Every run evaluates the model before and after training on
 held-out data (assistant-token loss, 4-way multiple-choice accuracy, preference accuracy), prints a table
-and writes it to <out-dir>/eval.json.
+and writes it to <out-dir>/eval.json. Conversations longer than --seq-len tokens keep their beginning; one cut
+before its first assistant token has nothing to learn and is dropped (a DPO pair, when either reply is cut away);
+the counts are printed. The data and every cheap flag are checked before any model loads.
 
 What --out-dir holds:
     step_*/, latest      the fine-tuned model, a plain checkpoint every tool loads (LoRA merged into it);
@@ -46,7 +48,7 @@ import torch
 
 from nanostack import chat_data, checkpoint, distributed, lora, objectives, qat, quant, quant4
 from nanostack.atomic import write_json
-from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
+from nanostack.cli import SettingsError, add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.distributed import ParallelConfig
 from nanostack.model import default_learning_rate
 from nanostack.training import TrainConfig, autocast_context, resolve_device, train
@@ -146,6 +148,9 @@ def load_datasets(config: FinetuneConfig) -> Datasets:
     def split(items):
         heldout_lines = {i for i in range(len(items)) if chat_data.is_heldout(f"line {i}", config.heldout_fraction)}
         train = [item for i, item in enumerate(items) if i not in heldout_lines]
+        if not train:
+            raise ValueError(f"{path}: all {len(items)} examples fall in the held-out share (--heldout-fraction "
+                             f"{config.heldout_fraction}), none is left to train on: add examples")
         return train, [items[i] for i in sorted(heldout_lines)][:limit]
 
     if config.mode == "dpo":
@@ -160,19 +165,25 @@ def load_datasets(config: FinetuneConfig) -> Datasets:
 # ----------------------------------------------------------------------------------------------------------
 # Models
 
-def load_init(path, device) -> dict:
-    """The checkpoint to fine-tune (checkpoint.load_checkpoint's dict), with a clear message when absent."""
-    if not Path(path).exists():
-        raise checkpoint.CheckpointError(f"no checkpoint at {path}: run `python train.py` first (it writes "
+def check_arguments(config: FinetuneConfig) -> None:
+    """The checks that cost nothing, made before anything loads: the mode, the checkpoint paths, LoRA targets."""
+    if config.mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {config.mode!r}")
+    if config.mode == "distill" and not config.teacher:
+        raise ValueError("--mode distill needs --teacher CHECKPOINT_DIR (e.g. a larger fine-tuned model)")
+    if not Path(config.init).exists():
+        raise checkpoint.CheckpointError(f"no checkpoint at {config.init}: run `python train.py` first (it writes "
                                          f"out/pretrain), or pass --init CHECKPOINT_DIR")
-    return checkpoint.load_checkpoint(path, device)
+    if config.teacher and not Path(config.teacher).exists():
+        raise checkpoint.CheckpointError(f"no checkpoint at {config.teacher} (--teacher): pass the directory of a "
+                                         f"trained model with the student's tokenizer")
+    if config.lora_rank:
+        lora.parse_targets(config.lora_targets)
 
 
 def load_teacher(path: str, student_tokenizer, device, student_tokenizer_path="the student's tokenizer.json"):
     """The distillation teacher; its tokenizer must be the student's, token for token."""
-    if not path:
-        raise ValueError("--mode distill needs --teacher CHECKPOINT_DIR (e.g. a larger fine-tuned model)")
-    loaded = load_init(path, device)
+    loaded = checkpoint.load_checkpoint(path, device)
     # Distillation compares next-token distributions position by position: the same ids must mean the same text.
     checkpoint.require_same_tokenizer(student_tokenizer, student_tokenizer_path, loaded["tokenizer"],
                                       loaded["directory"] / "tokenizer.json", "teacher")
@@ -193,9 +204,9 @@ def check_low_precision(config: FinetuneConfig, parallel: ParallelConfig) -> Non
                          "for LoRA on a 4-bit base)")
     if config.qat_group_size != 128 and config.qat != "int4":
         raise ValueError(f"--qat-group-size {config.qat_group_size} applies to --qat int4 only")
-    if (config.base_quant or config.qat) and parallel.strategy == "fsdp":
-        raise ValueError(f"--{'base-quant' if config.base_quant else 'qat'} with --strategy fsdp: FSDP shards "
-                         "parameters, not 4-bit buffers or fake quantizers; use --strategy ddp or one device")
+    if (config.base_quant or config.qat) and (parallel.strategy == "fsdp" or parallel.tp > 1 or parallel.pp > 1):
+        raise ValueError(f"--{'base-quant' if config.base_quant else 'qat'} with --strategy fsdp, --tp or --pp: "
+                         "those shard parameters, not 4-bit buffers or fake quantizers; use --strategy ddp or one device")
 
 
 def prepare_model(model, config: FinetuneConfig) -> int:
@@ -208,6 +219,7 @@ def prepare_model(model, config: FinetuneConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+<<<<<<< HEAD
 def training_state_bytes(model, frozen_bytes: int) -> int:
     """Frozen weights plus the trainable parameters in fp32 with their gradients and AdamW's two moments."""
     return frozen_bytes + 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -216,6 +228,10 @@ def training_state_bytes(model, frozen_bytes: int) -> int:
 def sft_batches(config, tokenizer, conversations, seq_len, train_config, rank):
     """The SFT/distillation batch source over `conversations`."""
     examples = [chat_data.sft_example(tokenizer, messages, seq_len) for messages in conversations]
+=======
+def sft_batches(config, tokenizer, examples, seq_len, train_config, rank):
+    """The SFT/distillation batch source over `examples` (rows from chat_data.sft_examples)."""
+>>>>>>> main
     return chat_data.chat_batches(examples, train_config.batch_size, seq_len, tokenizer.eos_id,
                                   packing=config.packing, seed=train_config.seed, rank=rank.rank,
                                   world_size=rank.world_size)
@@ -227,39 +243,44 @@ def sft_batches(config, tokenizer, conversations, seq_len, train_config, rank):
 class Evaluator:
     """Held-out assistant-token loss, multiple-choice accuracy and preference accuracy of a model."""
 
-    def __init__(self, tokenizer, datasets: Datasets, seq_len: int, batch_size: int, autocast):
+    def __init__(self, tokenizer, datasets: Datasets, seq_len: int, batch_size: int, autocast, progress: bool):
+        """With `progress`, a full evaluation shows progress bars (it takes a while on a CPU)."""
         self.tokenizer, self.datasets, self.seq_len, self.batch_size = tokenizer, datasets, seq_len, batch_size
-        self.autocast = autocast
-        self.heldout_rows = [chat_data.sft_example(tokenizer, m, seq_len) for m in datasets.heldout_conversations]
+        self.autocast, self.progress = autocast, progress
+        # Like the training rows, a held-out row cut before its answer has nothing to score: it is left out.
+        self.heldout_rows, _, self.num_dropped = chat_data.sft_examples(tokenizer, datasets.heldout_conversations,
+                                                                         seq_len)
 
-    def heldout_loss(self, model) -> dict:
+    def heldout_loss(self, model, desc: str | None = None) -> dict:
         """{"heldout_loss": mean cross-entropy per assistant token} (the loop's periodic evaluation)."""
         if not self.heldout_rows:
             return {}
         with torch.no_grad(), self.autocast:
             return {"heldout_loss": chat_data.heldout_loss(model, self.heldout_rows, self.tokenizer.eos_id,
-                                                           self.batch_size)}
+                                                           self.batch_size, desc)}
 
-    def pair_scores(self, model):
+    def pair_scores(self, model, desc: str | None = None):
         """Summed log-probs of the held-out chosen and rejected replies, or None without pairs."""
         if not self.datasets.heldout_pairs:
             return None
         with self.autocast:
             return chat_data.preference_scores(model, self.tokenizer, self.datasets.heldout_pairs, self.seq_len,
-                                               self.batch_size)
+                                               self.batch_size, desc)
 
-    def __call__(self, model) -> tuple[dict, tuple | None]:
+    def __call__(self, model, name: str = "the model") -> tuple[dict, tuple | None]:
         """All metrics of `model` (in eval mode), and the pair scores they came from."""
+        def desc(part):
+            return f"evaluating {name}: {part}" if self.progress else None
         was_training = model.training
         model.eval()
-        metrics = self.heldout_loss(model)
+        metrics = self.heldout_loss(model, desc("held-out loss"))
         if self.datasets.questions:
             with self.autocast:
                 accuracy = chat_data.multiple_choice_accuracy(model, self.tokenizer, self.datasets.questions,
-                                                              self.seq_len, self.batch_size)
+                                                              self.seq_len, self.batch_size, desc("multiple choice"))
             metrics["multiple_choice_accuracy"] = accuracy["likelihood"]
             metrics["multiple_choice_accuracy_calibrated"] = accuracy["calibrated"]
-        scores = self.pair_scores(model)
+        scores = self.pair_scores(model, desc("preferences"))
         if scores is not None:
             metrics["preference_accuracy"] = float((scores[0] > scores[1]).float().mean())
         model.train(was_training)
@@ -286,35 +307,69 @@ def peak_memory_mb(device) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # The run
 
+def fitting_examples(config: FinetuneConfig, tokenizer, datasets: Datasets, seq_len: int, say) -> list:
+    """The training rows (sft, distill) or pairs (dpo) that keep a token to learn within seq_len; examples longer than
+    that are cut, those left with nothing to learn are dropped, and both counts are printed."""
+    if config.mode == "dpo":
+        kept, dropped = chat_data.pairs_that_fit(tokenizer, datasets.train_pairs, seq_len)
+        what, total = "pairs", len(datasets.train_pairs)
+        if dropped:
+            say(f"{dropped} of {total} training pairs are cut before their chosen or rejected reply by --seq-len "
+                f"{seq_len}: dropped")
+    else:
+        kept, cut, dropped = chat_data.sft_examples(tokenizer, datasets.train_conversations, seq_len)
+        what, total = "conversations", len(datasets.train_conversations)
+        if cut:
+            say(f"{cut} of {total} training conversations do not fit in --seq-len {seq_len} tokens: cut to fit, "
+                f"and {dropped} of them, cut before any assistant token, dropped")
+    if not kept:
+        raise ValueError(f"none of the {total} training {what} from {config.data} keeps an assistant token within "
+                         f"--seq-len {seq_len}: shorten the prompts, or use a model with a longer context")
+    return kept
+
+
 def main(argv=None) -> int:
+    """Check the arguments and data, load the models, evaluate, train, evaluate again, save."""
+    run_start = time.time()
     args = parse_args(argv)
     config = dataclass_from_args(FinetuneConfig, args)
     train_config = dataclass_from_args(TrainConfig, args)
     parallel = dataclass_from_args(ParallelConfig, args)
+<<<<<<< HEAD
     if config.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {config.mode!r}")
     check_low_precision(config, parallel)
+=======
+    check_arguments(config)
+    if parallel.tp > 1 or parallel.pp > 1:  # its objectives read whole logits, its evaluation generates
+        raise SettingsError(f"finetune.py runs data-parallel only (--strategy ddp|fsdp), not --tp {parallel.tp} "
+                            f"--pp {parallel.pp}: tensor and pipeline parallelism are for train.py")
+    datasets = load_datasets(config)  # every line of a --data file is checked before any model loads
+>>>>>>> main
     out_dir = Path(train_config.out_dir or f"out/{config.mode}")
-    rank = distributed.setup(resolve_device(train_config.device))
+    rank = distributed.setup(resolve_device(train_config.device), parallel)
     say = print if rank.is_main else (lambda *a, **k: None)
     device = rank.device
     torch.manual_seed(train_config.seed)
 
-    init = load_init(config.init, device)
+    init = checkpoint.load_checkpoint(config.init, device)
     model, tokenizer, model_config = init["model"], init["tokenizer"], init["config"]
     teacher = (load_teacher(config.teacher, tokenizer, device, init["directory"] / "tokenizer.json")
                if config.mode == "distill" else None)
     seq_len = config.seq_len or model_config.max_seq_len
     if not 1 <= seq_len <= model_config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} must be in 1..{model_config.max_seq_len} (the model's max_seq_len)")
-    datasets = load_datasets(config)
     train_size = len(datasets.train_pairs if config.mode == "dpo" else datasets.train_conversations)
     say(f"data: {train_size:,} training {'pairs' if config.mode == 'dpo' else 'conversations'} from {config.data}; "
         f"held out: {len(datasets.heldout_conversations)} conversations, {len(datasets.questions)} questions, "
         f"{len(datasets.heldout_pairs)} pairs")
+    train_examples = fitting_examples(config, tokenizer, datasets, seq_len, say)
     evaluator = Evaluator(tokenizer, datasets, seq_len, train_config.batch_size,
-                          autocast_context(train_config.dtype, device))
-    before, before_scores = evaluator(model)
+                          autocast_context(train_config.dtype, device), progress=rank.is_main)
+    if evaluator.num_dropped:
+        say(f"{evaluator.num_dropped} held-out conversations are cut before any assistant token by --seq-len "
+            f"{seq_len}: left out of the held-out loss")
+    before, before_scores = evaluator(model, "the initial model")
 
     total_params, bf16_base_bytes = model.num_params(), quant.weight_bytes(model)
     if config.base_quant:
@@ -331,7 +386,7 @@ def main(argv=None) -> int:
         f"lr {train_config.lr:.2e}; {train_config.steps} steps; device {device} x {rank.world_size}")
 
     if config.mode == "dpo":
-        rows = chat_data.preference_rows(tokenizer, datasets.train_pairs, seq_len)
+        rows = chat_data.preference_rows(tokenizer, train_examples, seq_len)
         if config.dpo_precompute_reference:
             # Before training the model (with zero LoRA updates) is the reference, so it scores the pairs itself.
             rows = objectives.precompute_reference(model, rows, train_config.batch_size)
@@ -339,7 +394,7 @@ def main(argv=None) -> int:
                                                rank=rank.rank, world_size=rank.world_size)
         objective = objectives.dpo(reference, config.dpo_beta)
     else:
-        batches = sft_batches(config, tokenizer, datasets.train_conversations, seq_len, train_config, rank)
+        batches = sft_batches(config, tokenizer, train_examples, seq_len, train_config, rank)
         objective = (objectives.distillation(teacher, config.kd_temperature, config.kd_alpha, config.kd_kind)
                      if teacher is not None else objectives.sft)
 
@@ -353,7 +408,7 @@ def main(argv=None) -> int:
     train(model, objective, batches, replace(train_config, out_dir=str(run_dir)), model_config=model_config,
           tokenizer=tokenizer, evaluate=evaluator.heldout_loss, extra_config=record, parallel=parallel, rank=rank)
     train_seconds = time.time() - start
-    after, after_scores = evaluator(model)
+    after, after_scores = evaluator(model, "the fine-tuned model")
 
     report = {"mode": config.mode, "init": identity["checkpoint"], "steps": train_config.steps,
               "trainable_params": trainable, "total_params": total_params, "lora": lora_settings,
@@ -371,9 +426,9 @@ def main(argv=None) -> int:
         margin = (after_scores[0] - before_scores[0]) - (after_scores[1] - before_scores[1])
         extra["dpo_reward_accuracy"] = float((margin > 0).float().mean())
     if teacher is not None:
-        extra["teacher_heldout_loss"] = evaluator(teacher)[0]["heldout_loss"]
+        extra["teacher_heldout_loss"] = evaluator(teacher, "the teacher")[0]["heldout_loss"]
         if config.kd_baseline:
-            extra["no_teacher_heldout_loss"] = train_baseline(config, train_config, parallel, rank, datasets,
+            extra["no_teacher_heldout_loss"] = train_baseline(config, train_config, parallel, rank, train_examples,
                                                               seq_len, evaluator, out_dir)
     report.update(extra)
 
@@ -395,23 +450,24 @@ def main(argv=None) -> int:
         write_json(out_dir / "eval.json", report)
         print_comparison(before, after, extra)
         where = checkpoint.resolve_checkpoint(out_dir) if (out_dir / "latest").exists() else out_dir / "adapter"
-        say(f"done in {train_seconds:.0f}s; model in {where}; evaluation in {out_dir / 'eval.json'}")
+        say(f"done in {time.time() - run_start:.0f}s ({train_seconds:.0f}s of it training); model in {where}; "
+            f"evaluation in {out_dir / 'eval.json'}")
     distributed.teardown()
     return 0
 
 
-def train_baseline(config, train_config, parallel, rank, datasets, seq_len, evaluator, out_dir) -> float:
+def train_baseline(config, train_config, parallel, rank, examples, seq_len, evaluator, out_dir) -> float:
     """Distillation's control: the same student, data, steps and LoRA, trained with plain SFT; its held-out loss."""
-    student = load_init(config.init, rank.device)
+    student = checkpoint.load_checkpoint(config.init, rank.device)
     model, tokenizer = student["model"], student["tokenizer"]
     if config.base_quant:
         quant4.quantize_base_nf4(model)
     prepare_model(model, config)
-    batches = sft_batches(config, tokenizer, datasets.train_conversations, seq_len, train_config, rank)
+    batches = sft_batches(config, tokenizer, examples, seq_len, train_config, rank)
     train(model, objectives.sft, batches, replace(train_config, out_dir=str(out_dir / "baseline")),
           model_config=student["config"], tokenizer=tokenizer, extra_config={"mode": "sft"}, parallel=parallel,
           rank=rank)
-    return evaluator(model)[0]["heldout_loss"]
+    return evaluator(model, "the no-teacher baseline")[0]["heldout_loss"]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python train.py --resume true                     # continue out/pretrain exactly where it stopped
     python train.py --source my_texts/ --tokenizer out/mine/tokenizer.json --out-dir out/mine
     torchrun --standalone --nproc_per_node=8 train.py --strategy fsdp --depth 12 ...   # a GPU node (README)
+    torchrun --standalone --nproc_per_node=8 train.py --strategy fsdp --tp 2 --pp 2 --grad-accum 8 ...  # 3-D mesh
 
 With no flags it trains a tokenizer (or reuses out/tokenizer.json), tokenizes the corpus into out/data/,
 trains for a few minutes on CPU (or much bigger on a GPU, see README), checkpoints to out/pretrain/ and
@@ -58,19 +59,31 @@ def parse_args(argv=None):
 
 
 def load_or_train_tokenizer(path, source: str, vocab_size: int, max_mb: float) -> Tokenizer:
-    """Reuse the tokenizer file if it exists; otherwise train one on the first `max_mb` MB of `source` and save it."""
+    """Reuse the tokenizer file if it exists; otherwise train one on the first `max_mb` MB of `source` and save it.
+    Either way its vocabulary is `vocab_size` tokens, or this raises before anything is written."""
     path = Path(path)
     if path.exists():
-        return Tokenizer.load(path)
+        tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size != vocab_size:
+            raise ValueError(f"{path} holds a {tokenizer.vocab_size}-token tokenizer, but --vocab-size is "
+                             f"{vocab_size}: pass --vocab-size {tokenizer.vocab_size} to use it, or another "
+                             f"--tokenizer path (or delete {path}) to train a {vocab_size}-token one")
+        return tokenizer
     budget, texts = int(max_mb * 1e6), []
     for document in data.iter_documents(source):
         texts.append(document.text)
         budget -= len(document.text)
         if budget <= 0:
             break
+    megabytes = sum(map(len, texts)) / 1e6
+    if not megabytes:
+        raise ValueError(f"source {source!r} holds no text to train a tokenizer on ({len(texts)} empty documents)")
     start = time.time()
-    print(f"training a {vocab_size}-token tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB of {source}", flush=True)
+    print(f"training a {vocab_size}-token tokenizer on {megabytes:.1f} MB of {source}", flush=True)
     tokenizer = Tokenizer.train(texts, vocab_size)
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{megabytes:.2f} MB of {source} hold too few distinct pairs for a {vocab_size}-token "
+                         f"vocabulary (they make {tokenizer.vocab_size}): lower --vocab-size, or give more text")
     tokenizer.save(path)
     print(f"tokenizer trained in {time.time() - start:.0f}s: {path}")
     return tokenizer
@@ -86,10 +99,12 @@ def main(argv=None) -> int:
     config = dataclass_from_args(PretrainConfig, args)
     train_config = dataclass_from_args(TrainConfig, args)
     parallel = dataclass_from_args(ParallelConfig, args)
-    rank = distributed.setup(resolve_device(train_config.device))
+    rank = distributed.setup(resolve_device(train_config.device), parallel)
     say = print if rank.is_main else (lambda *a, **k: None)
     device = rank.device
     torch.manual_seed(train_config.seed)
+    # A run to resume must exist: read its config (cheap) before any download, tokenizer or data work.
+    resumed_config = checkpoint.read_config(train_config.out_dir)[0] if train_config.resume else None
 
     # Rank 0 downloads, trains the tokenizer and tokenizes the corpus; the others wait, then read what it wrote.
     download_dir = Path(config.tokenizer).parent / "download" / Path(config.source).stem
@@ -107,12 +122,24 @@ def main(argv=None) -> int:
     distributed.barrier()
     train_shards = data.TokenShards(data_dir, "train", tokenizer)
     val_shards = data.TokenShards(data_dir, "val", tokenizer)
-    loader = data.BatchLoader(train_shards, train_config.batch_size, config.seq_len, seed=train_config.seed,
-                              rank=rank.rank, world_size=rank.world_size)
+
+    def loader_of(split: str, shards, shuffle: bool) -> data.BatchLoader:
+        """A loader over one split; building it checks the split holds a batch, so a split too small (validation
+        included) fails here, before step 1, not when training is over."""
+        try:
+            return data.BatchLoader(shards, train_config.batch_size, config.seq_len, seed=train_config.seed,
+                                    rank=rank.dp_rank, world_size=rank.size("dp"), shuffle=shuffle)
+        except ValueError as error:
+            raise ValueError(f"the {split} split of {data_dir} ({shards.num_documents:,} documents) is too small: "
+                             f"{error}; documents are split whole (--val-fraction {config.val_fraction}), so a "
+                             f"corpus of few documents can leave a split empty: add documents or change "
+                             f"--val-fraction") from None
+    loader = loader_of("train", train_shards, shuffle=True)
+    loader_of("validation", val_shards, shuffle=False)
     say(f"data: {len(train_shards):,} train tokens, {len(val_shards):,} val tokens in {data_dir}")
 
-    if train_config.resume:
-        model_config, _ = checkpoint.read_config(train_config.out_dir)
+    if resumed_config is not None:
+        model_config = resumed_config
     else:
         model_config = ModelConfig.from_depth(config.depth, vocab_size=tokenizer.vocab_size,
                                               max_seq_len=config.seq_len,
@@ -122,13 +149,19 @@ def main(argv=None) -> int:
         train_config.lr = default_learning_rate(model_config)
     say(f"model: {model.num_params():,} parameters ({model.num_params(non_embedding=True):,} non-embedding), "
         f"{model_config.n_layer} layers x {model_config.n_embd} wide; lr {train_config.lr:.2e}; "
-        f"device {device} x {rank.world_size} ({parallel.strategy})")
+        f"device {device} x {rank.world_size} (dp {rank.size('dp')} {parallel.strategy}, tp {parallel.tp}, "
+        f"pp {parallel.pp})")
+    model_parallel = parallel.tp > 1 or parallel.pp > 1
+    if model_parallel:
+        say("samples are off under --tp/--pp (no rank holds the whole model): serve the checkpoint instead")
 
     token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
 
     def evaluate(model):
-        batches = data.eval_batches(val_shards, train_config.batch_size, config.seq_len, config.eval_batches,
-                                    rank=rank.rank, world_size=rank.world_size)
+        # A pipeline evaluates a step's worth of micro-batches at a time.
+        batch_size = train_config.batch_size * (train_config.grad_accum if parallel.pp > 1 else 1)
+        batches = data.eval_batches(val_shards, batch_size, config.seq_len, config.eval_batches,
+                                    rank=rank.dp_rank, world_size=rank.size("dp"))
         return bits_per_byte(model, batches, token_bytes)
 
     def sample(model):
@@ -140,12 +173,13 @@ def main(argv=None) -> int:
 
     start = time.time()
     metrics = train(model, objectives.next_token, loader, train_config, model_config=model_config,
-                    tokenizer=tokenizer, evaluate=evaluate, sample=sample, parallel=parallel, rank=rank)
-    text = sample(model)
+                    tokenizer=tokenizer, evaluate=evaluate, sample=None if model_parallel else sample,
+                    parallel=parallel, rank=rank)
     say(f"done in {time.time() - start:.0f}s: val loss {metrics.get('loss', float('nan')):.4f}, "
         f"val bits/byte {metrics.get('bpb', float('nan')):.4f}; checkpoint in "
         f"{checkpoint.resolve_checkpoint(train_config.out_dir)}")
-    say("sample:", repr(text))
+    if not model_parallel:
+        say("sample:", repr(sample(model)))
     distributed.teardown()
     return 0
 

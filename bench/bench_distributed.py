@@ -11,11 +11,7 @@ throughput for >= 40% less activation memory.
 """
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import print_table, write_result  # noqa: E402
+from bench.common import local_bytes, print_table, run_job, write_result  # noqa: E402
 from nanostack import distributed  # noqa: E402
 from nanostack.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
 from nanostack.model import GPT, ModelConfig  # noqa: E402
@@ -42,21 +38,6 @@ class BenchConfig:
     steps: int = 0                  # timed steps after 2 warmup steps; 0 = 2 on CPU, 20 on GPU
     compile: bool = False           # torch.compile the blocks (GPU)
     worker: str = ""                # internal: run one configuration and write its result here
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_bytes(tensors) -> int:
-    """Bytes this rank holds for these tensors (its shard only, for FSDP's DTensors)."""
-    total = 0
-    for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        total += t.numel() * t.element_size()
-    return total
 
 
 def run_worker(config: BenchConfig, strategy: str, ac: str) -> None:
@@ -107,16 +88,10 @@ def run_worker(config: BenchConfig, strategy: str, ac: str) -> None:
 
 def launch(config: BenchConfig, strategy: str, ac: str, ranks: int) -> dict:
     """Run one configuration as its own job and return its result."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        flags = [f"--device={config.device}", f"--depth={config.depth}", f"--vocab-size={config.vocab_size}",
-                 f"--seq-len={config.seq_len}", f"--batch-size={config.batch_size}", f"--steps={config.steps}",
-                 f"--compile={config.compile}", f"--worker={out}:{strategy}:{ac}"]
-        launcher = [sys.executable] if strategy == "none" else [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        subprocess.run(launcher + [__file__] + flags, check=True, env=env)
-        return json.loads(out.read_text())
+    flags = [f"--device={config.device}", f"--depth={config.depth}", f"--vocab-size={config.vocab_size}",
+             f"--seq-len={config.seq_len}", f"--batch-size={config.batch_size}", f"--steps={config.steps}",
+             f"--compile={config.compile}"]
+    return run_job(__file__, 1 if strategy == "none" else ranks, flags, f"{strategy}:{ac}")
 
 
 def main() -> None:

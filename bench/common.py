@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: a printed table and the JSON result file, with where it was measured.
+"""Shared by the benchmarks: a printed table and the JSON result file, with where it was measured, and a launcher
+for benchmarks that run each configuration as its own (torchrun) job.
 
 Every result file records where it was measured: device (CPU model or GPU name), library versions, date,
 git commit and the command line, so a number in bench/results/ can be traced and reproduced.
@@ -12,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,3 +108,20 @@ def write_result(name: str, results: dict, device="cpu") -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {path.relative_to(ROOT)}")
     return path
+
+
+def run_job(script, ranks: int, flags: list[str], payload: str):
+    """Run `script *flags --worker=RESULT:payload` as one process (ranks=1) or a torchrun job of `ranks` processes on
+    this machine, and return the JSON the job's rank 0 wrote to RESULT."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        launcher = [sys.executable] if ranks == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        subprocess.run(launcher + [str(script), *flags, f"--worker={out}:{payload}"], check=True, env=env)
+        return json.loads(out.read_text())
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds for these tensors (its shard only, for DTensors: FSDP2 and tensor parallel)."""
+    return sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in tensors)

@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nanostack.data import jsonl_records
 from nanostack.objectives import sequence_logprobs
@@ -245,6 +246,13 @@ def _check_messages(messages, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def _not_empty(items: list, path, expected: str) -> list:
+    if not items:
+        raise ValueError(f"{path} holds no JSON lines (it is empty, or blank lines only): expected one {expected} "
+                         f"object per line")
+    return items
+
+
 def read_chat_jsonl(path) -> list[list[dict]]:
     """Conversations from a jsonl file of {"messages": [...]}; each needs at least one assistant message."""
     conversations = []
@@ -253,7 +261,7 @@ def read_chat_jsonl(path) -> list[list[dict]]:
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{path}:{line_number}: no assistant message, so nothing to train on")
         conversations.append(messages)
-    return conversations
+    return _not_empty(conversations, path, '{"messages": [...]}')
 
 
 def _response_text(value, where: str) -> str:
@@ -280,23 +288,48 @@ def read_preference_jsonl(path) -> list[PreferenceExample]:
         prompt = _check_messages(prompt, where)
         pairs.append(PreferenceExample(prompt, _response_text(record["chosen"], f"{where}: chosen"),
                                        _response_text(record["rejected"], f"{where}: rejected")))
-    return pairs
+    return _not_empty(pairs, path, '{"prompt", "chosen", "rejected"}')
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Token rows: (inputs, targets) with targets -1 wherever nothing is learned
 
 def _rows(ids: list[int], mask: list[int], seq_len: int) -> tuple[list[int], list[int]]:
-    """inputs and targets (each <= seq_len): targets = next ids where the mask is 1, else -1; longer
-    sequences are cut at seq_len + 1 tokens."""
+    """inputs and targets (each <= seq_len) of rendered ids: targets = next ids where the mask is 1, else -1."""
     ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
     return ids[:-1], [token if trained else -1 for token, trained in zip(ids[1:], mask[1:])]
 
 
 def sft_example(tokenizer, messages: list[dict], seq_len: int) -> tuple[list[int], list[int]]:
-    """inputs and targets (each <= seq_len) of a conversation: targets are the next ids where the chat
-    template's loss mask is 1 (the assistant replies), else -1."""
+    """inputs and targets (each <= seq_len) of a conversation: targets = next ids where the template's mask
+    is 1, else -1. Longer conversations are cut at seq_len + 1 tokens."""
     return _rows(*tokenizer.render_chat(messages), seq_len)
+
+
+def has_targets(row: tuple[list[int], list[int]]) -> bool:
+    """Whether an (inputs, targets) row trains anything: a row cut before its first assistant token does not, and
+    a batch of only such rows has no loss at all (0 / 0 = NaN)."""
+    return any(target != -1 for target in row[1])
+
+
+def sft_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[list, int, int]:
+    """(rows, how many conversations were longer than seq_len + 1 tokens and cut, how many of those were dropped
+    because the cut left them no assistant token). Cut conversations keep their beginning, as sft_example does."""
+    rows, num_cut = [], 0
+    for messages in conversations:
+        ids, mask = tokenizer.render_chat(messages)
+        num_cut += len(ids) > seq_len + 1
+        rows.append(_rows(ids, mask, seq_len))
+    kept = [row for row in rows if has_targets(row)]
+    return kept, num_cut, len(rows) - len(kept)
+
+
+def pairs_that_fit(tokenizer, pairs: list[PreferenceExample], seq_len: int) -> tuple[list[PreferenceExample], int]:
+    """The pairs whose chosen and rejected replies both keep a token within seq_len (a pair cut before either
+    reply compares nothing), and how many were dropped."""
+    kept = [pair for pair in pairs if has_targets(response_example(tokenizer, pair.prompt, pair.chosen, seq_len))
+            and has_targets(response_example(tokenizer, pair.prompt, pair.rejected, seq_len))]
+    return kept, len(pairs) - len(kept)
 
 
 def response_example(tokenizer, prompt: list[dict], response: str, seq_len: int) -> tuple[list[int], list[int]]:
@@ -478,11 +511,18 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _batch_starts(num_rows: int, batch_size: int, desc: str | None):
+    """range(0, num_rows, batch_size), with a progress bar named `desc` (none for None)."""
+    return tqdm(range(0, num_rows, batch_size), desc=desc, disable=desc is None, leave=False, unit="batch")
+
+
 @torch.no_grad()
-def heldout_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> float:
-    """Mean cross-entropy per assistant token over examples (token-weighted, one pass, no packing)."""
+def heldout_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32,
+                 desc: str | None = None) -> float:
+    """Mean cross-entropy per assistant token over examples (token-weighted, one pass, no packing); a progress bar
+    named `desc` unless it is None."""
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in _batch_starts(len(examples), batch_size, desc):
         inputs, targets = pad_rows(examples[start:start + batch_size], pad_id)
         inputs, targets = inputs.to(_device(model)), targets.to(_device(model))
         logits = model(inputs)
@@ -494,17 +534,18 @@ def heldout_loss(model, examples: list[tuple[list[int], list[int]]], pad_id: int
 
 
 @torch.no_grad()
-def response_scores(model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Summed log-probability of each row's targets, (N,)."""
+def response_scores(model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32,
+                    desc: str | None = None) -> torch.Tensor:
+    """Summed log-probability of each row's targets, (N,); a progress bar named `desc` unless it is None."""
     scores = []
-    for start in range(0, len(rows), batch_size):
+    for start in _batch_starts(len(rows), batch_size, desc):
         inputs, targets = pad_rows(rows[start:start + batch_size], pad_id)
         scores.append(sequence_logprobs(model, inputs.to(_device(model)), targets.to(_device(model))).cpu())
     return torch.cat(scores)
 
 
 def multiple_choice_accuracy(model, tokenizer, questions: list[MultipleChoice], seq_len: int,
-                             batch_size: int = 32) -> dict[str, float]:
+                             batch_size: int = 32, desc: str | None = None) -> dict[str, float]:
     """Share of questions answered right, scored two ways: {"likelihood": ..., "calibrated": ...}.
 
     likelihood: the answer with the highest mean log-likelihood per token given the question (per token,
@@ -516,11 +557,12 @@ def multiple_choice_accuracy(model, tokenizer, questions: list[MultipleChoice], 
         return [response_example(tokenizer, [{"role": "user", "content": question}], a, seq_len) for a in answers]
 
     asked = [row for q in questions for row in rows(q.question, q.choices)]
-    given = response_scores(model, asked, tokenizer.eos_id, batch_size).view(len(questions), -1)  # (questions, choices)
+    given = response_scores(model, asked, tokenizer.eos_id, batch_size, desc).view(len(questions), -1)  # (q, choices)
     counts = torch.tensor([sum(t != -1 for t in targets) for _, targets in asked]).view_as(given)
     # An answer's score under the neutral question does not depend on the question: score each text once.
     texts = sorted({choice for q in questions for choice in q.choices})
-    neutral = dict(zip(texts, response_scores(model, rows(NEUTRAL_QUESTION, texts), tokenizer.eos_id, batch_size)))
+    neutral = dict(zip(texts, response_scores(model, rows(NEUTRAL_QUESTION, texts), tokenizer.eos_id, batch_size,
+                                              desc and f"{desc} (calibration)")))
     baseline = torch.tensor([[float(neutral[c]) for c in q.choices] for q in questions], dtype=given.dtype)
     right = torch.tensor([q.answer for q in questions])
     return {"likelihood": float(((given / counts).argmax(dim=1) == right).float().mean()),
@@ -529,7 +571,7 @@ def multiple_choice_accuracy(model, tokenizer, questions: list[MultipleChoice], 
 
 @torch.no_grad()
 def preference_scores(model, tokenizer, examples: list[PreferenceExample], seq_len: int,
-                      batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+                      batch_size: int = 32, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each pair's chosen and rejected replies, (N,) each.
 
     The share of pairs with chosen > rejected is the model's preference accuracy; the same scores under
@@ -537,5 +579,5 @@ def preference_scores(model, tokenizer, examples: list[PreferenceExample], seq_l
     """
     chosen = [response_example(tokenizer, e.prompt, e.chosen, seq_len) for e in examples]
     rejected = [response_example(tokenizer, e.prompt, e.rejected, seq_len) for e in examples]
-    return (response_scores(model, chosen, tokenizer.eos_id, batch_size),
-            response_scores(model, rejected, tokenizer.eos_id, batch_size))
+    return (response_scores(model, chosen, tokenizer.eos_id, batch_size, desc and f"{desc} (chosen)"),
+            response_scores(model, rejected, tokenizer.eos_id, batch_size, desc and f"{desc} (rejected)"))

@@ -204,8 +204,26 @@ def save_run_checkpoint(run_dir, step: int, keep: int, **kwargs) -> Path:
     return directory
 
 
+def remove_unfinished_writes(run_dir) -> int:
+    """Delete what killed checkpoint writes left in a run directory (`.step_*.tmp`, `.shards_*.tmp` directories and
+    `.latest.tmp`; a published checkpoint never has these names); returns how many bytes that freed."""
+    run_dir = Path(run_dir)
+    leftovers = [*run_dir.glob(".step_*.tmp"), *run_dir.glob(".shards_*.tmp"), run_dir / ".latest.tmp"]
+    freed = 0
+    for leftover in leftovers:
+        if leftover.is_dir():
+            freed += sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file())
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.exists():
+            freed += leftover.stat().st_size
+            leftover.unlink()
+    return freed
+
+
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory, or the newest checkpoint of a run directory (its `latest` file)."""
+    """A checkpoint directory, or the newest checkpoint of a run directory: the one its `latest` file names, or
+    without one (a run killed between publishing its first step_* and writing `latest`), the newest step_* whose
+    manifest verifies."""
     path = Path(path)
     if (path / "config.json").exists():
         return path
@@ -215,7 +233,15 @@ def resolve_checkpoint(path) -> Path:
             raise CheckpointError(f"{path / 'latest'} names {newest.name}, but {newest} is missing (deleted?): "
                                   f"point to another step_* directory in {path}, or re-run the command that wrote it")
         return newest
-    tried = f"looked for {path / 'config.json'} (a checkpoint) and {path / 'latest'} (a run directory)"
+    steps = sorted(path.glob("step_*"), reverse=True)  # zero-padded step numbers: newest first
+    for candidate in steps:
+        try:
+            verify_manifest(candidate)
+            return candidate
+        except CheckpointError:
+            continue
+    tried = (f"looked for {path / 'config.json'} (a checkpoint), {path / 'latest'} (a run directory) and a complete "
+             f"step_* directory ({len(steps)} found, none complete)")
     present = sorted(p.name for p in path.glob("*") if p.name in ("model.safetensors", "tokenizer.json", MANIFEST)
                      or p.suffix == ".safetensors") if path.is_dir() else []
     if present:

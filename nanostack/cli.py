@@ -7,8 +7,9 @@ the source. So the flags, their defaults and `--help` can never drift from the c
 import argparse
 import dataclasses
 import inspect
-import sys
 import io
+import os
+import sys
 import tokenize
 import typing
 
@@ -104,10 +105,16 @@ def given_fields(cls, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> d
             if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
+class SettingsError(ValueError):
+    """Bad settings that every rank of a torchrun job finds alike (the mesh, the model's split): rank 0 reports."""
+
+
 def run(main) -> None:
     """Run a script's `main()` and exit with its code; bad input (a ValueError, CheckpointError included)
-    becomes one `error: ...` line on stderr and exit status 1 instead of a traceback."""
+    becomes one `error: ...` line on stderr and exit status 1 instead of a traceback. A SettingsError under
+    torchrun exits every rank with status 1, and rank 0 alone prints the line."""
     try:
         sys.exit(main())
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        quiet = isinstance(error, SettingsError) and os.environ.get("RANK", "0") != "0"
+        sys.exit(1 if quiet else f"error: {error}")

@@ -78,18 +78,38 @@ def _source_files(source: str) -> tuple[Path, list[Path]]:
         return root, _corpus_files(root, (".py",), frozenset({"site-packages", "dist-packages"}))
     path = Path(source)
     if path.is_dir():
-        return path, _corpus_files(path, DOCUMENT_SUFFIXES)
+        files = _corpus_files(path, DOCUMENT_SUFFIXES)
+        if not files:
+            raise ValueError(f"source {source!r} holds no {'/'.join(DOCUMENT_SUFFIXES)} files: nothing to read")
+        return path, files
     if path.is_file():
         return path.parent, [path]
     raise ValueError(f"source {source!r} is neither 'stdlib' nor an existing file or directory")
 
 
+def decode_utf8(data: bytes, path, first_line: int = 1, first_offset: int = 0) -> str:
+    """`data` (from `path`, starting at line `first_line` and byte `first_offset` of it) as UTF-8 text; an invalid
+    byte raises a ValueError naming path:line, the byte and its offset, and how to re-encode the file."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        raise ValueError(f"{path}:{line}: byte 0x{data[error.start]:02x} at byte offset {first_offset + error.start} "
+                         f"is not UTF-8; re-encode the file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 {path} "
+                         f"> fixed{''.join(Path(path).suffixes)})") from None
+
+
 def jsonl_records(path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-empty line of a JSON-lines file (.gz too); errors name file:line."""
+    """(line number, object) for each non-empty line of a UTF-8 JSON-lines file (.gz too); errors name file:line."""
     path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with opener(path, "rb") as raw_lines:
+        offset = 0  # of the line's first byte (in the decompressed text for .gz)
+        for line_number, raw in enumerate(raw_lines, start=1):
+            line = decode_utf8(raw, path, line_number, offset)
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -129,22 +149,28 @@ def _parquet_documents(path: Path, name: str) -> Iterator[Document]:
             row += 1
 
 
-def read_documents(path, name: str) -> Iterator[Document]:
-    """The documents in one file: .jsonl(.gz) lines and .parquet rows are one each, any other file is one."""
+def read_documents(path, name: str, lenient: bool = False) -> Iterator[Document]:
+    """The documents in one file: .jsonl(.gz) lines and .parquet rows are one each, any other file is one. Text must
+    be UTF-8; `lenient` turns a plain file's invalid bytes into U+FFFD instead (for the stdlib corpus)."""
     path = Path(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return _jsonl_documents(path, name)
     if path.name.endswith(".parquet"):
         return _parquet_documents(path, name)
-    # A few stdlib test files are deliberately in other encodings; a replacement character beats a crash.
-    return iter([Document(name, path.read_bytes().decode("utf-8", errors="replace"))])
+    data = path.read_bytes()
+    nul = data.find(b"\0", 0, 8192)  # text has no NUL bytes; executables and images have them up front
+    if nul >= 0:
+        raise ValueError(f"{path} looks binary (a NUL byte at offset {nul}), not text: pass a corpus of "
+                         f"{'/'.join(DOCUMENT_SUFFIXES)} files")
+    return iter([Document(name, data.decode("utf-8", errors="replace") if lenient else decode_utf8(data, path))])
 
 
 def iter_documents(source: str) -> Iterator[Document]:
     """Documents of `source`: "stdlib", a .txt/.py/.jsonl/.parquet file, or a directory of them (recursive)."""
     root, files = _source_files(source)
     for path in files:
-        yield from read_documents(path, path.relative_to(root).as_posix())
+        # A few stdlib test files are deliberately in other encodings; there a replacement character beats a crash.
+        yield from read_documents(path, path.relative_to(root).as_posix(), lenient=source == "stdlib")
 
 
 def stdlib_documents() -> Iterator[Document]:
@@ -383,7 +409,10 @@ def read_index(directory) -> dict:
     if not path.is_file():
         raise ValueError(f"no complete token shards in {directory} (no index.json); run data/prepare.py "
                          f"(an interrupted prepare leaves no index)")
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): prepare the shards again") from None
     if index.get("format") != INDEX_FORMAT or index.get("version") != INDEX_VERSION:
         raise ValueError(f"{path} has format {index.get('format')!r} version {index.get('version')!r}; "
                          f"expected {INDEX_FORMAT!r} version {INDEX_VERSION}: prepare the shards again")
@@ -462,6 +491,11 @@ def prepare_tokens(documents: str | Iterable[Document], tokenizer, out_dir,
         for doc, ids in zip(batch, token_lists):
             split = "val" if is_validation(doc.name, val_fraction) else "train"
             writers[split].add(doc.text, [tokenizer.bos_id] + ids)
+    splits = {split: writer.finish() for split, writer in writers.items()}
+    if not any(info["utf8_bytes"] for info in splits.values()):
+        _remove_previous_shards(out_dir)
+        raise ValueError(f"{'source ' + repr(source) if source else 'the documents'} hold no text (every document is "
+                         f"empty): nothing to tokenize")
     index = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
@@ -469,7 +503,7 @@ def prepare_tokens(documents: str | Iterable[Document], tokenizer, out_dir,
         "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id,
         **settings,
-        "splits": {split: writer.finish() for split, writer in writers.items()},
+        "splits": splits,
     }
     # The index goes last: its presence is what marks the directory complete.
     write_json(out_dir / "index.json", index)

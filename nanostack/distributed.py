@@ -1,19 +1,22 @@
-"""Data-parallel training with PyTorch's own engines: DDP and FSDP2 (`fully_shard`) under torchrun.
+"""Distributed training with PyTorch's own engines under torchrun: DDP or FSDP2 over the data-parallel ranks,
+composed with tensor and pipeline parallelism (nanostack/parallel.py) on one (pp, dp, tp) DeviceMesh.
 
-The model code knows nothing of parallelism; `parallelize()` wraps it, in torchtitan's order:
-activation checkpointing first (it rewraps each block's forward), then torch.compile, then FSDP/DDP.
+The model code knows nothing of parallelism; `parallelize()` wraps it, in torchtitan's order: tensor parallel,
+activation checkpointing (it rewraps each block's forward), torch.compile, the pipeline split, then FSDP/DDP.
 
-    torchrun --nproc_per_node=8 train.py --strategy fsdp           # one node
-    torchrun --nnodes=2 --node_rank=0 --rdzv-endpoint=HOST:29500 ...  # and the same with node_rank=1
+    torchrun --nproc_per_node=8 train.py --strategy fsdp                 # one node, 8-way data parallel
+    torchrun --nproc_per_node=8 train.py --strategy fsdp --tp 2 --pp 2   # dp 2 x tp 2 x pp 2
+    torchrun --nnodes=2 --node_rank=0 --rdzv-endpoint=HOST:29500 ...     # and the same with node_rank=1
 
 - DDP keeps a full replica per rank and all-reduces gradients (skipped with `no_sync` on all but the last
   micro-batch of a step, so accumulation costs one all-reduce per step).
-- FSDP2 shards parameters, gradients and optimizer state over ranks (each holds ~1/N); each block's weights
-  are all-gathered just before use and freed after (`reshard_after_forward`), gradients reduce-scattered.
-  Its mixed-precision policy computes in bf16 on GPU while reductions and the master weights stay fp32.
+- FSDP2 shards parameters, gradients and optimizer state over the dp ranks (each holds ~1/dp); each block's
+  weights are all-gathered just before use and freed after (`reshard_after_forward`), gradients
+  reduce-scattered. Its mixed-precision policy computes in bf16 on GPU while reductions and the master weights
+  stay fp32. Under tp its shards are 2-D: a tp slice of each weight, sharded again over dp.
 Checkpoints go through `torch.distributed.checkpoint.state_dict`, which speaks the same plain (fully
-qualified name -> tensor) language for a bare model, DDP and FSDP2: that is what lets a run saved with one
-world size resume with another.
+qualified name -> tensor) language for a bare model, DDP, FSDP2, tp and pipeline stages: that is what lets a run
+saved with one layout resume with another.
 """
 import contextlib
 import os
@@ -24,15 +27,23 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from nanostack import parallel
+from nanostack.cli import SettingsError
 
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "none"          # none | ddp | fsdp (under torchrun; none = one process)
+    strategy: str = "none"          # data parallelism over the dp ranks: none (one process, or tp/pp only) | ddp | fsdp
+    dp: int = 0                     # data-parallel ranks; 0 = world size / (tp * pp)
+    tp: int = 1                     # tensor-parallel ranks: each layer's heads and hidden units split over them
+    pp: int = 1                     # pipeline stages: layers cut in pp runs that pass the --grad-accum micro-batches on
+    pp_schedule: str = "1f1b"       # gpipe | 1f1b (one forward, one backward; needs --grad-accum >= --pp)
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (keep matmul outputs)
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory, one more gather)
-    sharded_checkpoint: bool = False  # also save torch.distributed.checkpoint shards (models too big for one host)
+    sharded_checkpoint: bool = False  # save torch.distributed.checkpoint shards (models too big for a host; --pp: on)
 
 
 @dataclass
@@ -42,23 +53,36 @@ class Rank:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    mesh: DeviceMesh | None = None  # the (pp, dp, tp) mesh under torchrun
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def size(self, dim: str) -> int:
+        """Ranks along a mesh dimension: "dp", "tp" or "pp" (1 in a world of one)."""
+        return self.mesh[dim].size() if self.mesh is not None else 1
 
-def setup(device: torch.device) -> Rank:
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU), or a world of one without torchrun."""
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks: which share of each batch it reads."""
+        return self.mesh.get_local_rank("dp") if self.mesh is not None else 0
+
+
+def setup(device: torch.device, config: ParallelConfig | None = None) -> Rank:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) and lay the ranks out on the (pp, dp, tp)
+    mesh of `config`, or a world of one without torchrun."""
     if "RANK" not in os.environ:
         return Rank(device=device)
+    config = config or ParallelConfig()
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return Rank(rank, local_rank, world_size, device)
+    mesh = parallel.build_mesh(device.type, world_size, config.dp, config.tp, config.pp)
+    return Rank(rank, local_rank, world_size, device, mesh)
 
 
 def teardown() -> None:
@@ -107,32 +131,54 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
 
 
 def parallelize(model: torch.nn.Module, config: ParallelConfig, rank: Rank, *, compile: bool = False,
-                param_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Wrap `model` for training: activation checkpointing, then compile, then FSDP2 or DDP.
+                param_dtype: torch.dtype = torch.float32, micro_batches: int = 1):
+    """Wrap `model` for training: tensor parallel, activation checkpointing, compile, pipeline split, FSDP2/DDP.
 
-    Returns the module to call in the training step. With FSDP2 the model is sharded in place, so the
-    returned module *is* `model`; with DDP it is a wrapper around it.
+    Returns what the training step calls: `model` itself (sharded in place by tp and FSDP2), a DDP wrapper
+    around it, or with --pp a parallel.Pipeline running this rank's stage (`model` is cut down to the stage).
+    `micro_batches` (the gradient accumulation) is the number of micro-batches a pipeline step carries.
     """
     if config.strategy not in ("none", "ddp", "fsdp"):
         raise ValueError(f"strategy must be none, ddp or fsdp, got {config.strategy!r}")
-    if config.strategy != "none" and not dist.is_initialized():
-        raise ValueError(f"--strategy {config.strategy} needs torchrun, e.g. "
-                         f"`torchrun --nproc_per_node=2 train.py --strategy {config.strategy}`")
+    if (config.strategy != "none" or config.tp > 1 or config.pp > 1) and not dist.is_initialized():
+        flags = " ".join(f"--{name} {value}" for name, value in (("strategy", config.strategy), ("tp", config.tp),
+                                                                  ("pp", config.pp)) if value not in ("none", 1))
+        raise ValueError(f"{flags} needs torchrun, e.g. `torchrun --nproc_per_node=2 train.py {flags}`")
+    if (config.tp, config.pp) != (rank.size("tp"), rank.size("pp")):
+        raise SettingsError(f"--tp {config.tp} --pp {config.pp}, but the ranks were laid out for tp {rank.size('tp')} "
+                         f"pp {rank.size('pp')}: pass the same ParallelConfig to distributed.setup")
+    if config.strategy == "none" and rank.size("dp") > 1:
+        raise SettingsError(f"{rank.size('dp')} data-parallel ranks need --strategy ddp or fsdp to share gradients "
+                         f"(or make --tp x --pp the world size)")
+    if config.strategy == "ddp" and (config.tp > 1 or config.pp > 1):
+        raise SettingsError("DDP keeps whole replicas: with --tp or --pp use --strategy fsdp (or none) over dp")
+    if config.pp_schedule not in parallel.PIPELINE_SCHEDULES:
+        raise SettingsError(f"pp_schedule must be one of {parallel.PIPELINE_SCHEDULES}, got {config.pp_schedule!r}")
+    if config.pp > 1 and config.pp_schedule == "1f1b" and micro_batches < config.pp:
+        raise SettingsError(f"--pp-schedule 1f1b keeps --pp {config.pp} micro-batches in flight, but --grad-accum is "
+                         f"{micro_batches}: raise --grad-accum to at least {config.pp} (the bubble is (pp-1)/"
+                         f"(grad_accum+pp-1) of a step) or use --pp-schedule gpipe")
+    parallel.check_model_fits(model.config, config.tp, config.pp)
+    if config.tp > 1:
+        parallel.apply_tensor_parallel(model, rank.mesh["tp"], plain_outputs=config.pp == 1)
     apply_activation_checkpointing(model, config.activation_checkpointing)
     if compile:
         for block in model.layers:
             block.compile()
+    if config.pp > 1:
+        parallel.pipeline_stage(model, rank.mesh.get_local_rank("pp"), config.pp, sequence_shards=config.tp)
     if config.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
-        fully_shard(model, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
-        return model
+        for module in parallel.blocks(model) + [model]:
+            fully_shard(module, mesh=rank.mesh["dp"], mp_policy=policy,
+                        reshard_after_forward=config.reshard_after_forward)
     if config.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [rank.device.index] if rank.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
+    if config.pp > 1:
+        return parallel.Pipeline(model, rank.mesh, config.pp_schedule, micro_batches, rank.device)
     return model
 
 
@@ -162,7 +208,11 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict | None) -> None:
-    """Load full (unsharded) states into a possibly sharded model and its optimizer, on every rank."""
+    """Load full (unsharded) states into a possibly sharded model and its optimizer, on every rank (a pipeline
+    stage takes its own parameters' entries)."""
+    if isinstance(model.layers, torch.nn.ModuleDict):
+        own = model.state_dict().keys()
+        model_state = {name: value for name, value in model_state.items() if name in own}
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
     if optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))

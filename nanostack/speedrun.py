@@ -75,8 +75,8 @@ SIZES = {
     "cpu": {},  # every stage's own defaults: what a newcomer gets by typing the commands one by one
     "tiny": {
         "tokenizer": "--vocab-size 512 --tokenizer-max-mb 1 --val-fraction 0.1",
-        "pretrain": "--val-fraction 0.1 --depth 1 --seq-len 64 --steps 40 --warmup-steps 5 --eval-batches 4 "
-                    "--sample-every 0 --sample-tokens 16",
+        "pretrain": "--vocab-size 512 --val-fraction 0.1 --depth 1 --seq-len 64 --steps 40 --warmup-steps 5 "
+                    "--eval-batches 4 --sample-every 0 --sample-tokens 16",
         "sft": "--steps 20 --warmup-steps 2 --eval-examples 40 --log-every 5",
         "dpo": "--steps 10 --warmup-steps 2 --eval-examples 40 --log-every 5",
         "int8": "--eval-batches 4 --calibration-batches 2",
@@ -425,9 +425,9 @@ def finetune_table(run_dir: Path, stage: str, seconds: float) -> str:
 def int8_table(run_dir: Path, seconds: float) -> str:
     """The quality rows of the quant report: bits per byte, perplexity, top-1 agreement, weight bytes."""
     report = json.loads((run_dir / "int8" / "quant_report.json").read_text())
-    rows = [[row["variant"], row["bpb"], f"{row['bpb_increase']:+.3%}", row["perplexity"], row["top1_agreement"],
-             row["weight_bytes"], row["vs_bf16_bytes"]] for row in report["rows"]]
-    return (table(["variant", "val bits/byte", "bpb increase", "perplexity", "top-1 agreement", "weight bytes",
+    rows = [[row["variant"], row["bpb"], f"{row['bpb_increase_percent']:+.3f}", row["perplexity"],
+             row["top1_agreement"], row["weight_bytes"], row["vs_bf16_bytes"]] for row in report["rows"]]
+    return (table(["variant", "val bits/byte", "bpb increase (%)", "perplexity", "top-1 agreement", "weight bytes",
                    "bytes vs bf16"], rows)
             + f"\n\n{report['eval_tokens']:,} validation tokens; {seconds:.1f} s the whole stage")
 

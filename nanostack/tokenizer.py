@@ -343,6 +343,7 @@ class Tokenizer:
                                             f"{_alternation(self.special_tokens)})|[{CONTROL_START}{CONTROL_END}]")
         self._text_splitter = (regex.compile(f"(?P<token>{_alternation(self.text_tokens)})") if self.text_tokens
                                else None)
+        self._special_splitter = regex.compile(f"(?P<token>{_alternation(self.special_tokens)})")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, pattern: str = GPT4_SPLIT_PATTERN,
@@ -370,9 +371,12 @@ class Tokenizer:
             ("split pattern", self.pattern, other.pattern),
             ("normalizer", self.normalizer, other.normalizer)) if mine != theirs]
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ordinary text: special-token strings in it are encoded as text (a Hugging Face
-        tokenizer's non-special added tokens, like <think>, are matched, as `tokenizers` does)."""
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ordinary text: special-token strings in it are encoded as text, unless allow_special (for
+        tools that find a special token's id by encoding its text, as lm-eval does through /tokenize). A Hugging
+        Face tokenizer's non-special added tokens, like <think>, are always matched, as `tokenizers` does."""
+        if allow_special:
+            return self._encode_split(text, self._special_splitter)
         if self._text_splitter is None:
             return self._encode_ordinary(text)
         return self._encode_split(text, self._text_splitter)

@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from safetensors.torch import load_file
 
-from nanostack import checkpoint, distributed
+from nanostack import checkpoint, distributed, objectives
 from nanostack import model as model_module
 from nanostack.distributed import ParallelConfig, Rank
+from nanostack.parallel import Pipeline, clip_grad_norm_, vocab_parallel_loss
 
 # Dense bf16 peak FLOP/s, for MFU. CPUs have no meaningful single figure, so no MFU is shown there.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -176,11 +177,14 @@ def bits_per_byte(model, batches, token_bytes: torch.Tensor) -> dict:
     for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         logits = model(inputs)
+        if logits is None:  # a pipeline stage before the last: the last stage counts these tokens
+            continue
         nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
         target_bytes = token_bytes[targets.flatten()]
         sums += torch.stack([nats.sum(), (nats * (target_bytes > 0)).sum(), torch.tensor(nats.numel(), device=device),
                              target_bytes.sum()]).double()
-    loss_sum, byte_nats, tokens, text_bytes = distributed.all_reduce_sum(sums).tolist()  # over every rank's share
+    # Over every rank's share; tp ranks add the same sums, which leaves both ratios as they are.
+    loss_sum, byte_nats, tokens, text_bytes = distributed.all_reduce_sum(sums).tolist()
     if tokens == 0:
         raise ValueError("no evaluation batches: the validation split is smaller than one batch")
     return {"loss": loss_sum / tokens, "bpb": byte_nats / (math.log(2) * max(1.0, text_bytes))}
@@ -195,8 +199,18 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
+            lines, kept = self.path.read_text().splitlines(), []
+            for number, line in enumerate(lines, start=1):
+                try:
+                    if line and json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError as error:
+                    if number < len(lines):
+                        raise ValueError(f"{self.path}:{number}: not valid JSON ({error.msg}); the log is damaged "
+                                         f"before its last line: delete or repair that line") from None
+                    # A kill in the middle of a write leaves the last line half written: drop it, and say so.
+                    tqdm.write(f"{self.path}: dropped its torn last line ({len(line)} characters), left by an "
+                               f"interrupted write")
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -220,9 +234,10 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
           extra_config: dict | None = None, parallel: ParallelConfig | None = None, rank: Rank | None = None) -> dict:
     """Run `objective` over `batches` for `config.steps` optimizer steps; returns the last eval metrics.
 
-    `model` is the bare model on its device; `parallel` says how to wrap it (DDP, FSDP2, activation
-    checkpointing) when `rank` comes from `distributed.setup()` under torchrun. `batches` has `next_batch()`,
-    `state_dict()` and `load_state_dict()`; `evaluate(model)` returns a dict of metrics (every rank calls it);
+    `model` is the bare model on its device; `parallel` says how to wrap it (DDP, FSDP2, tensor and pipeline
+    parallel, activation checkpointing) when `rank` comes from `distributed.setup()` under torchrun. `batches`
+    has `next_batch()`, `state_dict()` and `load_state_dict()`; `evaluate(model)` returns a dict of metrics
+    (every rank calls it; under --pp `model` is the Pipeline, which returns logits on the last stage only);
     `sample(model)` returns a string to print. Checkpoints go to config.out_dir, written by rank 0.
     """
     parallel, rank = parallel or ParallelConfig(), rank or Rank(device=next(model.parameters()).device)
@@ -230,28 +245,37 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
     device, run_dir, peak_lr = rank.device, Path(config.out_dir), config.lr
     flops_per_token, peak = model.flops_per_token(), peak_flops(device)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(config.dtype, device) == torch.float16)
-    if scaler.is_enabled() and parallel.strategy == "fsdp":
-        raise ValueError("--dtype float16 with --strategy fsdp: loss scaling of sharded gradients is not "
-                         "supported here; use --dtype bfloat16 (no scaling needed) or --strategy ddp")
-    step_model = distributed.parallelize(model, parallel, rank, compile=config.compile,
+    if scaler.is_enabled() and (parallel.strategy == "fsdp" or parallel.tp > 1 or parallel.pp > 1):
+        raise ValueError("--dtype float16 with --strategy fsdp, --tp or --pp: loss scaling of sharded or "
+                         "pipelined gradients is not supported here; use --dtype bfloat16 (no scaling needed), or "
+                         "--strategy ddp")
+    step_model = distributed.parallelize(model, parallel, rank, compile=config.compile, micro_batches=config.grad_accum,
                                          param_dtype=compute_dtype(config.dtype, device))
+    pipeline = step_model if isinstance(step_model, Pipeline) else None
+    if pipeline is not None and objective is not objectives.next_token:
+        raise ValueError(f"--pp trains the next-token objective only (its loss runs on the last stage), "
+                         f"not {getattr(objective, '__name__', objective)}")
     optimizer = make_optimizer(model, config, peak_lr)  # after sharding: FSDP2 turns parameters into DTensors
-    start_step = skipped_steps = 0
+    start_step, last_good, skipped_steps = 0, None, 0  # last_good: what a divergence leaves to go back to
     if config.resume:
         trainer_state = resume_state(run_dir, model, optimizer)
-        start_step, skipped_steps = trainer_state["step"], trainer_state.get("skipped_steps", 0)
+        start_step, last_good = trainer_state["step"], trainer_state["directory"]
+        skipped_steps = trainer_state.get("skipped_steps", 0)
         if trainer_state.get("grad_scaler"):  # empty when the run was not fp16
             scaler.load_state_dict(trainer_state["grad_scaler"])
         batches.load_state_dict(trainer_state["loader"])
         checkpoint.set_rng_state(trainer_state["rng"])
         if rank.is_main:
             tqdm.write(f"resumed from {trainer_state['directory']} at step {start_step}")
+    if rank.is_main and (freed := checkpoint.remove_unfinished_writes(run_dir)):
+        tqdm.write(f"removed {freed / 1e6:.1f} MB of unfinished checkpoint writes from {run_dir} (a killed run's)")
     log = MetricsLog(run_dir, start_step if config.resume else None) if rank.is_main else None
     autocast = autocast_context(config.dtype, device)
     eval_metrics: dict = {}
 
     def save(step: int) -> None:
-        sharded = parallel.sharded_checkpoint
+        nonlocal last_good
+        sharded = parallel.sharded_checkpoint or pipeline is not None  # no rank holds every stage's weights
         # Gathering is a collective under FSDP: every rank takes part, rank 0 writes.
         weights = None if sharded else distributed.full_model_state(model)
         optimizer_state = None if sharded else distributed.full_optimizer_state(model, optimizer)
@@ -268,6 +292,7 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
                                            trainer_state=trainer_state, extra_config=extra_config,
                                            extra_files={"shards": shards} if sharded else None)
         distributed.barrier()
+        last_good = run_dir / f"step_{step:06d}"
 
     model.train()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="train",
@@ -280,19 +305,25 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
         # Summed on the device: reading a GPU value every micro-step would stall the launch queue.
         step_loss, step_metrics = torch.zeros((), device=device), {}
         try:
-            for micro in range(config.grad_accum):
+            if pipeline is not None:  # the schedule runs every micro-batch's forward and backward, in its order
+                micro_batches = [to_device(batches.next_batch(), device) for _ in range(config.grad_accum)]
+                with autocast:
+                    step_loss = pipeline.step(micro_batches)
+                window_tokens += sum(map(batch_tokens, micro_batches)) * rank.size("dp")
+            for micro in range(config.grad_accum if pipeline is None else 0):
                 batch = to_device(batches.next_batch(), device)
-                with distributed.gradient_sync(step_model, sync=micro == config.grad_accum - 1), autocast:
+                with distributed.gradient_sync(step_model, sync=micro == config.grad_accum - 1), \
+                        vocab_parallel_loss(rank.size("tp")), autocast:
                     loss, metrics = objective(step_model, batch)
                     scaler.scale(loss / config.grad_accum).backward()
                 step_loss += loss.detach() / config.grad_accum
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / config.grad_accum
-                window_tokens += batch_tokens(batch) * rank.world_size
+                window_tokens += batch_tokens(batch) * rank.size("dp")
         except torch.OutOfMemoryError:
             raise OutOfMemory(out_of_memory_advice(step + 1, device, config, run_dir)) from None
         scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        grad_norm = clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"), rank.mesh)
         scale = scaler.get_scale()
         scaler.step(optimizer)  # skipped if a gradient overflowed
         scaler.update()
@@ -311,13 +342,12 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
         # overwrites a good checkpoint: the check comes before any save.
         step_loss = float(distributed.all_reduce_sum(step_loss)) / rank.world_size
         if not math.isfinite(step_loss):
-            raise TrainingDiverged(
-                f"loss became {step_loss} at step {done}; the last good checkpoint is kept in {run_dir} "
-                "(try a lower --lr, a longer --warmup-steps, or --grad-clip 1.0)")
+            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved before it"
+            raise TrainingDiverged(f"loss became {step_loss} at step {done}; {kept} (try a lower --lr, a longer "
+                                   f"--warmup-steps, or --grad-clip 1.0)")
         if logging and rank.is_main:
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(norm),
+            record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_per_s": tokens_per_s, **{k: float(v) for k, v in step_metrics.items()}}
             if scaler.is_enabled():
                 record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
@@ -332,7 +362,7 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
         if evaluating:
             model.eval()
             with torch.no_grad(), autocast:
-                eval_metrics = evaluate(model)
+                eval_metrics = evaluate(pipeline or model)
             model.train()
             if rank.is_main:
                 log.write({"step": done, **{f"eval/{k}": v for k, v in eval_metrics.items()}})

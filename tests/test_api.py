@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import json
 import random
-import re
 import shutil
 import signal
 import socket
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import jinja2.sandbox
 import openai
 import pytest
 import torch
@@ -31,6 +31,7 @@ from nanostack.checkpoint import load_checkpoint, save_checkpoint
 from nanostack.serving.api import SERVER, ServerConfig, create_app, start_server
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.speculative import SpeculativeConfig, Speculator
+from prometheus_text import parse_prometheus
 
 # conftest.py: `tokenizer` (tiny BPE), `sharpened_model` (fixed-seed random GPT factory), `one_thread`.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -293,6 +294,74 @@ def test_tokenize_detokenize_models(live, tokenizer):
     ids = tokenizer.encode("Grüße aus Köln!")
     assert post(live.url + "/detokenize", {"tokens": ids})[2] == {"prompt": "Grüße aus Köln!"}
     assert [m.id for m in live.client().models.list().data] == ["nanostack"]
+
+
+def test_lm_eval_remote_tokenizer_and_loglikelihood(live, model, tokenizer):
+    """The calls lm-evaluation-harness's `local-completions` makes with `tokenizer_backend=remote`: /tokenizer_info
+    (it needs `eos_token`), special ids found by sending their text to /tokenize, the chat template rendered with
+    Jinja, then token-id prompts scored with echo + logprobs, the continuation's sum taken from `[ctxlen:-1]`."""
+    with urllib.request.urlopen(live.url + "/tokenizer_info", timeout=10) as response:
+        info = json.loads(response.read())
+
+    def encode(text):
+        return post(live.url + "/tokenize", {"prompt": text, "add_special_tokens": False})[2]["tokens"]
+    assert encode("test") == tokenizer.encode("test")
+    assert [encode(info["bos_token"]), encode(info["eos_token"])] == [[tokenizer.bos_id], [tokenizer.eos_id]]
+    assert post(live.url + "/detokenize", {"tokens": encode(info["eos_token"])})[2]["prompt"] == "<|eos|>"
+    assert info["model_max_length"] == MAX_SEQ_LEN and info["tokenizer_class"]
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what does json.dumps do?"}]
+    template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(info["chat_template"])
+    # Rendered as apply_chat_template does: the special tokens' text as variables.
+    rendered = template.render(messages=messages, add_generation_prompt=True, bos_token=info["bos_token"],
+                               eos_token=info["eos_token"])
+    assert encode(rendered) == tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+
+    context, continuation = "def fib(n):", " return fib(n - 1)"
+    ids, ctxlen = encode(context + continuation), len(encode(context))
+    status, _, reply = post(live.url + "/v1/completions", {"model": "nanostack", "prompt": [ids], "temperature": 0,
+                                                           "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True})
+    assert status == 200
+    scored = reply["choices"][0]["logprobs"]
+    reference = reference_logprobs(model, ids)
+    expected = [float(reference[p - 1, ids[p]]) for p in range(ctxlen, len(ids))]
+    assert scored["token_logprobs"][ctxlen:-1] == pytest.approx(expected, abs=1e-4)
+    greedy = all(token == max(top.values()) for token, top in zip(scored["token_logprobs"][ctxlen:-1],
+                                                                  scored["top_logprobs"][ctxlen:-1]))
+    assert greedy == all(int(reference[p - 1].argmax()) == ids[p] for p in range(ctxlen, len(ids)))
+
+
+def test_lone_surrogates_are_refused_with_the_field_named(live, tokenizer):
+    # JSON can spell a lone surrogate; json.dumps writes it as the escape, which is how a client would send it.
+    cases = [("/v1/completions", {"prompt": "hi \ud800", "stream": True, "echo": True}, "prompt"),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages[0].content"),
+             ("/v1/completions", {"prompt": "hi", "stop": ["ok", "\udc00"]}, "stop[1]"),
+             ("/tokenize", {"prompt": "hi", "\ud83d": 1}, "\\ud83d")]
+    for path, body, field in cases:
+        status, _, answer = post(live.url + path, json.dumps(body).encode())
+        assert_openai_error(status, answer, 400)
+        assert answer["error"]["param"] == field and field in answer["error"]["message"]
+    # A surrogate pair is one character (an emoji), not a lone surrogate: accepted.
+    status, _, answer = post(live.url + "/tokenize", json.dumps({"prompt": "\U0001f642"}).encode())
+    assert status == 200 and answer["tokens"][1:] == tokenizer.encode("\U0001f642")
+
+
+def test_a_stream_that_fails_after_its_headers_ends_with_an_error_event_and_done(make_live):
+    live = make_live()
+
+    def broken_token_text(token):
+        raise RuntimeError("simulated bug while building a chunk")
+    live.server._token_text = broken_token_text
+    request = urllib.request.Request(live.url + "/v1/completions", data=json.dumps({
+        "prompt": "hi", "max_tokens": 8, "logprobs": 1, "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+        events = response.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "simulated bug" in error["message"]
+    wait_until(lambda: live.server.active == 0 and live.server.engine_loop.stats.kv_cache_usage == 0,
+               what="the request aborted and its blocks freed")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -560,6 +629,49 @@ def test_serve_py_sigterm_drains_and_exits_0(checkpoint_dir):
         process.wait()
 
 
+@pytest.mark.slow
+def test_serve_py_exits_within_the_shutdown_timeout_plus_2s_with_streams_open(tokenizer, sharpened_model, tmp_path):
+    """SIGTERM with 8 streams that would run for many seconds: each gets `aborted` and [DONE], and the process is
+    gone within --shutdown-timeout + 2 s."""
+    model = sharpened_model(tokenizer.vocab_size, 1024, n_layer=4, n_embd=256, n_head=4, n_kv_head=4)
+    save_checkpoint(tmp_path / "ckpt", model.state_dict(), model.config, tokenizer)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path / "ckpt"), "--port",
+                                str(port), "--device", "cpu", "--shutdown-timeout", "1", "--max-num-seqs", "8"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _is_up(port) or process.poll() is not None, timeout=90, what="serve.py listening")
+        started, bodies = threading.Barrier(9), []
+
+        def stream():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps({
+                "prompt": "hi", "max_tokens": 1000, "ignore_eos": True, "stream": True}).encode())
+            with urllib.request.urlopen(request, timeout=60) as response:
+                first = response.readline()
+                started.wait(60)
+                bodies.append(first + response.read())
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streams = [pool.submit(stream) for _ in range(8)]
+            started.wait(60)  # every stream has its first token
+            sigterm = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+            elapsed = time.monotonic() - sigterm
+            for future in streams:
+                future.result(timeout=10)
+        assert elapsed < 1 + 2, f"exited {elapsed:.1f} s after SIGTERM"
+        for body in bodies:
+            events = body.decode().split("\n\n")
+            assert events[-2:] == ["data: [DONE]", ""]
+            assert json.loads(events[-3].removeprefix("data: "))["error"]["code"] == "aborted"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
 def _is_up(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
@@ -570,32 +682,6 @@ def _is_up(port: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------------------
 # /metrics: strict Prometheus text, counters equal to what was sent
-
-LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
-SAMPLE = re.compile(rf'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{{(?P<labels>{LABEL}(?:,{LABEL})*)\}} '
-                    r'(?P<value>[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|Inf))$')
-COMMENT = re.compile(r"^# (?:HELP (?P<help>[a-zA-Z_:][a-zA-Z0-9_:]*) .+|TYPE (?P<type>[a-zA-Z_:][a-zA-Z0-9_:]*) "
-                     r"(?P<kind>counter|gauge|histogram))$")
-
-
-def parse_prometheus(text: str) -> dict:
-    """{(name, frozenset of label pairs): value}; every line must be a HELP, TYPE or sample of a declared family."""
-    assert text.endswith("\n")
-    families, samples = {}, {}
-    for line in text.splitlines():
-        comment, sample = COMMENT.match(line), SAMPLE.match(line)
-        assert comment or sample, f"not Prometheus text: {line!r}"
-        if comment and comment["type"]:
-            families[comment["type"]] = comment["kind"]
-        elif sample:
-            name = sample["name"]
-            family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
-            assert family in families, f"{name} has no # TYPE line before it"
-            labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', sample["labels"]))
-            assert (name, labels) not in samples, f"duplicate sample {line!r}"
-            samples[name, labels] = float(sample["value"])
-    return samples
-
 
 def test_metrics_count_what_was_sent(make_live, tokenizer):
     live = make_live()
@@ -618,22 +704,46 @@ def test_metrics_count_what_was_sent(make_live, tokenizer):
     model = ("model_name", "nanostack")
 
     def value(name, **labels):
-        return samples[f"nanostack:{name}", frozenset([model, *labels.items()])]
+        return samples[f"vllm:{name}", frozenset([model, *labels.items()])]
     num_requests, lengths = 4, [4, 5, 6, 3]
-    assert value("prompt_tokens_total") == sum(len(p) for p, _ in requests) + len(chat_ids)
+    prompt_lengths = [len(p) for p, _ in requests] + [len(chat_ids)]
+    assert value("prompt_tokens_total") == sum(prompt_lengths)
     assert value("generation_tokens_total") == sum(lengths)
-    assert value("requests_finished_total", finish_reason="length") == num_requests
-    assert value("requests_finished_total", finish_reason="abort") == 0
+    assert value("request_success_total", finished_reason="length") == num_requests
+    assert value("request_success_total", finished_reason="abort") == 0
     assert value("prefix_cache_hits_total") == 32
-    assert value("prefix_cache_queries_total") == sum(len(p) for p, _ in requests) + len(chat_ids)
-    assert value("num_requests_running") == value("num_requests_waiting") == value("kv_cache_usage_ratio") == 0
-    for name, count in (("time_to_first_token_seconds", num_requests), ("e2e_request_latency_seconds", num_requests),
-                        ("inter_token_latency_seconds", sum(n - 1 for n in lengths))):
+    assert value("prefix_cache_queries_total") == sum(prompt_lengths)
+    assert value("num_requests_running") == value("num_requests_waiting") == value("kv_cache_usage_perc") == 0
+    assert value("cache_config_info", block_size="16", num_gpu_blocks=str(live.engine.blocks.num_blocks)) == 1
+
+    def histogram(name):
+        """(cumulative counts by upper bound, sum, count), checking the buckets are cumulative and end at the count."""
         buckets = sorted((float(dict(labels)["le"]), v) for (sample, labels), v in samples.items()
-                         if sample == f"nanostack:{name}_bucket")
-        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
-        assert buckets[-1] == (float("inf"), count) and value(f"{name}_count") == count
-        assert value(f"{name}_sum") > 0
+                         if sample == f"vllm:{name}_bucket")
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][0] == float("inf")
+        assert buckets[-1][1] == value(f"{name}_count")
+        return dict(buckets), value(f"{name}_sum"), value(f"{name}_count")
+    phases = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+              "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds")
+    seconds = {name: histogram(name)[1] for name in phases}
+    for name in phases:
+        assert histogram(name)[2] == num_requests
+    assert histogram("inter_token_latency_seconds")[2] == sum(n - 1 for n in lengths)
+    assert seconds["time_to_first_token_seconds"] > 0 and seconds["request_decode_time_seconds"] > 0
+    # Each phase ends where the next begins: queue + prefill = TTFT, prefill + decode = inference, TTFT + decode = e2e.
+    for whole, first, second in (("time_to_first_token", "request_queue_time", "request_prefill_time"),
+                                 ("request_inference_time", "request_prefill_time", "request_decode_time"),
+                                 ("e2e_request_latency", "time_to_first_token", "request_decode_time")):
+        assert seconds[f"{whole}_seconds"] == pytest.approx(seconds[f"{first}_seconds"] + seconds[f"{second}_seconds"],
+                                                            rel=1e-9, abs=1e-9)
+    buckets, total, count = histogram("request_prompt_tokens")
+    assert (total, count) == (sum(prompt_lengths), num_requests)
+    assert [buckets[bound] for bound in (5.0, 10.0, 20.0, 50.0, 100.0)] == [
+        sum(n <= bound for n in prompt_lengths) for bound in (5, 10, 20, 50, 100)]  # vLLM's 1-2-5 buckets
+    assert histogram("request_generation_tokens")[1:] == (sum(lengths), num_requests)
+    # Every step computes the prompt tokens not found in the prefix cache, and each sampled token but the last.
+    _, total, count = histogram("iteration_tokens_total")
+    assert total == sum(prompt_lengths) - 32 + sum(n - 1 for n in lengths) and count >= max(lengths)
 
 
 def test_speculative_serving_streams_the_greedy_text_and_exports_its_counters(model, tokenizer):
@@ -650,8 +760,8 @@ def test_speculative_serving_streams_the_greedy_text_and_exports_its_counters(mo
         spec = engine.stats().speculative
         model_label = ("model_name", "nanostack")
         assert spec.num_draft_tokens > 0
-        assert samples["nanostack:spec_decode_num_draft_tokens_total", frozenset([model_label])] == spec.num_draft_tokens
-        assert samples["nanostack:spec_decode_num_accepted_tokens_total", frozenset([model_label])] \
+        assert samples["vllm:spec_decode_num_draft_tokens_total", frozenset([model_label])] == spec.num_draft_tokens
+        assert samples["vllm:spec_decode_num_accepted_tokens_total", frozenset([model_label])] \
             == spec.num_accepted_tokens == sum(spec.accepted_per_position)
     finally:
         live.close()

@@ -174,6 +174,25 @@ def test_sft_and_response_rows_follow_the_template_mask(tokenizer):
     assert short_inputs == ids[:5] and short_targets == targets[:5]
 
 
+def test_rows_longer_than_the_context_are_cut_and_those_left_with_nothing_to_learn_dropped(tokenizer):
+    question, answer = "what does json.dumps do? " * 3, "Serialize obj to a JSON formatted str."
+    conversations = [[{"role": "user", "content": question * repeats}, {"role": "assistant", "content": answer}]
+                     for repeats in range(1, 8)]
+    lengths = [len(tokenizer.render_chat(messages)[0]) for messages in conversations]
+    prompt_lengths = [len(tokenizer.render_chat(m[:1], add_generation_prompt=True)[0]) for m in conversations]
+    seq_len = sorted(lengths)[3]
+    rows, num_cut, num_dropped = chat_data.sft_examples(tokenizer, conversations, seq_len)
+    assert num_cut == sum(length > seq_len + 1 for length in lengths)
+    # A row learns something iff its cut keeps the first assistant token: the prompt (<|assistant|> last) fits.
+    assert num_dropped == sum(prompt_length >= seq_len + 1 for prompt_length in prompt_lengths) > 0
+    assert rows == [row for row in (chat_data.sft_example(tokenizer, m, seq_len) for m in conversations)
+                    if any(t != -1 for t in row[1])]
+    pairs = [chat_data.PreferenceExample(m[:1], answer, "no") for m in conversations]
+    kept, dropped = chat_data.pairs_that_fit(tokenizer, pairs, seq_len)
+    assert dropped == num_dropped and kept == [p for p, (_, targets) in zip(pairs, [chat_data.sft_example(
+        tokenizer, m, seq_len) for m in conversations]) if any(t != -1 for t in targets)]
+
+
 def test_batches_cover_every_example_once_per_epoch_and_shard_without_overlap():
     examples = [([i, i, i], [i, -1, i]) for i in range(20)]
 

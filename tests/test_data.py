@@ -1,6 +1,7 @@
 """Tests for nanostack/data.py: corpora, downloads, token shards and the resumable, rank-sharded loader."""
 import asyncio
 import collections
+import gzip
 import hashlib
 import json
 import os
@@ -126,6 +127,37 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path, bad_line):
     assert next(documents).text == "first"
     with pytest.raises(ValueError, match=f"{path}:3"):
         list(documents)
+
+
+@pytest.mark.parametrize("name", ["corpus.jsonl", "corpus.txt", "corpus.jsonl.gz"])
+def test_a_byte_that_is_not_utf8_names_file_line_and_offset(tmp_path, name):
+    raw = b"".join(['{"text": "caf\u00e9 ok"}\n'.encode(), b'{"text": "second"}\n',
+                    '{"text": "caf\u00e9"}\n'.encode("latin-1")])
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    offset = raw.index(b"\xe9")  # the first byte that is not UTF-8: the Latin-1 e-acute of line 3
+    with pytest.raises(ValueError) as raised:
+        list(data.iter_documents(str(path)))
+    message = str(raised.value)
+    assert message.startswith(f"{path}:3: byte 0xe9 at byte offset {offset} is not UTF-8")
+    assert "re-encode" in message and "iconv" in message
+
+
+def test_an_empty_or_binary_source_is_refused_and_nothing_is_written(tmp_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("no corpus file in here")
+    with pytest.raises(ValueError, match=f"source '{tmp_path / 'empty'}' holds no .txt/.py"):
+        prepare_tokens(str(tmp_path / "empty"), tokenizer, tmp_path / "out")
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("")
+    (tmp_path / "blank" / "b.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match=f"source '{tmp_path / 'blank'}' hold no text"):
+        prepare_tokens(str(tmp_path / "blank"), tokenizer, tmp_path / "out")
+    binary = tmp_path / "program"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=f"{binary} looks binary"):
+        prepare_tokens(str(binary), tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
@@ -411,6 +443,25 @@ def test_complete_index_is_reused_and_stale_one_rebuilt(tmp_path, tokenizer):
     assert other.calls == 3  # a damaged directory is not reused
 
 
+def test_a_saved_tokenizer_of_another_vocabulary_is_never_reused_silently(tmp_path):
+    import train
+    corpus, path = tmp_path / "corpus", tmp_path / "tokenizer.json"
+    corpus.mkdir()
+    with pytest.raises(ValueError, match="holds no .txt"):  # an empty source trains nothing, writes nothing
+        train.load_or_train_tokenizer(path, str(corpus), 300, 1.0)
+    (corpus / "tiny.txt").write_text("ab ab ab")
+    with pytest.raises(ValueError, match="too few distinct pairs for a 300-token vocabulary"):
+        train.load_or_train_tokenizer(path, str(corpus), 300, 1.0)
+    assert not path.exists()
+    (corpus / "a.txt").write_text(TRAINING_TEXT)
+    trained = train.load_or_train_tokenizer(path, str(corpus), 300, 1.0)
+    assert trained.vocab_size == 300 and train.load_or_train_tokenizer(path, str(corpus), 300, 1.0).vocab_size == 300
+    with pytest.raises(ValueError) as raised:
+        train.load_or_train_tokenizer(path, str(corpus), 4096, 1.0)
+    assert f"{path} holds a 300-token tokenizer, but --vocab-size is 4096" in str(raised.value)
+    assert "--vocab-size 300" in str(raised.value)
+
+
 def test_prepare_cli_writes_shards_for_a_directory(tmp_path, tokenizer):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text(TRAINING_TEXT)
@@ -418,7 +469,8 @@ def test_prepare_cli_writes_shards_for_a_directory(tmp_path, tokenizer):
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "data/prepare.py", "--source", str(tmp_path / "corpus"), "--tokenizer",
-         str(tmp_path / "tokenizer.json"), "--out-dir", str(out), "--val-fraction", "0", "--workers", "1"],
+         str(tmp_path / "tokenizer.json"), "--vocab-size", "300", "--out-dir", str(out), "--val-fraction", "0",
+         "--workers", "1"],
         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     stream = TokenShards(out, "train", tokenizer=tokenizer)[:]

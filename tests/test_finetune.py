@@ -1,6 +1,8 @@
 """finetune.py end to end: every mode from a tiny checkpoint, its evaluation, LoRA merge and exact resume."""
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +78,50 @@ def test_distillation_without_a_teacher_is_refused(workdir):
     with pytest.raises(ValueError, match="--teacher"):
         finetune.main(["--mode", "distill", "--init", str(workdir / "init"), "--out-dir", str(workdir / "x"),
                        "--data", str(workdir / "chat.jsonl")])
+
+
+def test_data_is_checked_before_any_model_loads(workdir, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a checkpoint was loaded before the data was checked")
+    monkeypatch.setattr(checkpoint, "load_checkpoint", no_loading)
+    bad = tmp_path / "latin1.jsonl"
+    first = (workdir / "chat.jsonl").read_bytes().splitlines(keepends=True)[0]
+    bad.write_bytes(first + '{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    with pytest.raises(ValueError) as raised:
+        finetune.main(["--init", str(workdir / "init"), "--data", str(bad), "--out-dir", str(tmp_path / "out")])
+    offset = bad.read_bytes().index(b"\xe9")
+    assert str(raised.value).startswith(f"{bad}:2: byte 0xe9 at byte offset {offset} is not UTF-8; re-encode")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'blank.jsonl'} holds no JSON lines"):
+        finetune.main(["--init", str(workdir / "init"), "--data", str(tmp_path / "blank.jsonl"), "--mode", "dpo"])
+    with pytest.raises(ValueError, match="LoRA targets"):
+        finetune.main(["--init", str(workdir / "init"), "--lora-rank", "4", "--lora-targets", "nothing"])
+
+
+def test_conversations_longer_than_the_context_are_cut_or_dropped_never_nan(workdir, tmp_path, capsys):
+    long_prompt = {"role": "user", "content": "what does this do? " * 80}  # far over the model's 160 tokens
+    conversations = [json.loads(line)["messages"] for line in (workdir / "chat.jsonl").read_text().splitlines()]
+    with open(tmp_path / "long.jsonl", "w") as f:  # every training line long, the held-out ones as they were
+        for i, messages in enumerate(conversations):
+            heldout = chat_data.is_heldout(f"line {i}", 0.2)
+            f.write(json.dumps({"messages": messages if heldout else [long_prompt, messages[-1]]}) + "\n")
+    flags = common_flags(workdir, "long") + ["--data", str(tmp_path / "long.jsonl"), "--heldout-fraction", "0.2"]
+    with pytest.raises(ValueError, match="keeps an assistant token within --seq-len 160"):
+        finetune.main(flags)  # each is cut before its answer: nothing to learn (it was a NaN loss at step 1)
+    with open(tmp_path / "mixed.jsonl", "w") as f:
+        for i, messages in enumerate(conversations):
+            f.write(json.dumps({"messages": [long_prompt, messages[-1]] if i % 2 else messages}) + "\n")
+    flags = common_flags(workdir, "mixed") + ["--data", str(tmp_path / "mixed.jsonl"), "--heldout-fraction", "0.2"]
+    capsys.readouterr()
+    assert finetune.main(flags) == 0
+    printed = capsys.readouterr().out
+    cut = re.search(r"(\d+) of (\d+) training conversations do not fit in --seq-len 160 tokens: cut to fit, and "
+                    r"(\d+) of them, cut before any assistant token, dropped", printed)
+    assert cut and 0 < int(cut[3]) <= int(cut[1]) < int(cut[2]), printed
+    losses = [json.loads(line)["loss"] for line in (workdir / "mixed" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert re.search(r"done in \d+s \(\d+s of it training\)", printed)
 
 
 def test_stdlib_data_run_reports_every_metric_before_and_after(workdir, monkeypatch):

@@ -239,7 +239,7 @@ def test_every_tool_loads_a_hugging_face_directory(qwen2_with_tokenizer, qwen2_d
     engine = Engine.from_checkpoint(qwen2_with_tokenizer, dtype=torch.bfloat16, block_size=4)
     assert engine.dtype == torch.bfloat16 and engine.tokenizer is not None
     served = load_model(ModelSpec(str(qwen2_with_tokenizer), "cpu", torch.float32))["model"]
-    init = finetune.load_init(qwen2_with_tokenizer, "cpu")
+    init = checkpoint.load_checkpoint(qwen2_with_tokenizer, "cpu")  # how finetune.py loads --init
     teacher = finetune.load_teacher(str(qwen2_with_tokenizer), init["tokenizer"], "cpu")
     draft = Speculator.from_checkpoint(qwen2_with_tokenizer, target_tokenizer=init["tokenizer"]).draft_model
     for model in (served, init["model"], teacher, draft):

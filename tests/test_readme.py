@@ -1,5 +1,6 @@
-"""The README's quick start, followed literally: exactly two commands, the second is what CI runs, and the first
-one's main job (`python train.py`, no flags) does what the README promises in a fresh copy of the repo.
+"""The README's quick start, followed literally: the CPU build of PyTorch first (for a machine without a GPU), then
+install-and-train, then the tests, which is what CI runs; the main job (`python train.py`, no flags) does what the
+README promises in a fresh copy of the repo.
 
 The `pip install -e ".[test]"` half of the first command is not re-run here: CI (.ci/run) has just run it to
 create the environment this test runs in."""
@@ -24,10 +25,12 @@ def quick_start_commands() -> list[str]:
     return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
 
 
-def test_quick_start_is_two_commands_and_the_second_is_what_ci_runs():
+def test_quick_start_installs_the_cpu_build_first_and_its_last_command_is_what_ci_runs():
     commands = quick_start_commands()
-    assert len(commands) == 2, commands
-    install, run_tests = commands
+    assert len(commands) == 3, commands
+    cpu_torch, install, run_tests = commands
+    # The CPU wheel index, before the project pulls torch in: a plain `pip install torch` fetches the CUDA build.
+    assert cpu_torch == "pip install torch --index-url https://download.pytorch.org/whl/cpu"
     assert [part.strip() for part in install.split("&&")] == ['pip install -e ".[test]"', "python train.py"]
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert run_tests in ci_lines  # the README's test command is the one CI runs, word for word
@@ -48,7 +51,7 @@ def repo_copy(destination: Path) -> Path:
 def test_python_train_py_does_what_the_quick_start_promises(tmp_path):
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs a git checkout to know which files a fresh clone has")
-    main_job = quick_start_commands()[0].split("&&")[1].strip()
+    main_job = quick_start_commands()[1].split("&&")[1].strip()
     argv = shlex.split(main_job)
     assert argv == ["python", "train.py"]  # literally, no extra flags
     copy = repo_copy(tmp_path / "nanostack")

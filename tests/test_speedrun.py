@@ -108,6 +108,7 @@ def test_report_numbers_are_the_stage_files_numbers(tiny_run):
     for row in quant["rows"]:
         assert int8_rows[row["variant"]]["val bits/byte"] == f"{row['bpb']:.4f}"
         assert int8_rows[row["variant"]]["top-1 agreement"] == f"{row['top1_agreement']:.4f}"
+        assert int8_rows[row["variant"]]["bpb increase (%)"] == f"{row['bpb_increase_percent']:+.3f}"  # one unit
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 loss scaling."""
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -172,6 +173,69 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tokenizer, tmp_
     last = checkpoint.load_checkpoint(tmp_path)
     assert checkpoint.read_trainer_state(tmp_path)["step"] == 4
     assert all(torch.isfinite(p).all() for p in last["model"].parameters())
+
+
+def test_diverging_without_a_checkpoint_names_none(tokenizer, tmp_path):
+    model, config = tiny_model(tokenizer)
+
+    def nan_loss(model, batch):
+        loss, metrics = objectives.next_token(model, batch)
+        return loss * float("nan"), metrics
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=4, save_every=2, log_every=1)
+    with pytest.raises(training.TrainingDiverged) as raised:
+        training.train(model, nan_loss, RandomBatches(config.vocab_size), cfg, model_config=config, tokenizer=tokenizer)
+    assert "step 1; no checkpoint was saved before it" in str(raised.value)
+
+
+def run_with_crash(tokenizer, run_dir, steps, fail_at=None, resume=False):
+    """Train the tiny model for `steps` (checkpoints every 3), optionally dying while fetching batch `fail_at`."""
+    model, config = tiny_model(tokenizer)
+    cfg = TrainConfig(out_dir=str(run_dir), steps=steps, lr=3e-3, warmup_steps=2, save_every=3, log_every=1,
+                      resume=resume, keep=3)
+    training.train(model, objectives.next_token, RandomBatches(config.vocab_size, fail_at=fail_at), cfg,
+                   model_config=config, tokenizer=tokenizer)
+
+
+def test_a_run_killed_mid_write_resumes_from_its_newest_complete_checkpoint(tokenizer, tmp_path, capsys):
+    run_with_crash(tokenizer, tmp_path / "full", 6)
+    with pytest.raises(KeyboardInterrupt):
+        run_with_crash(tokenizer, tmp_path / "cut", 6, fail_at=4)
+    cut = tmp_path / "cut"
+    # What kills leave behind: `latest` not yet written for the first step_*, a half-written newer checkpoint and
+    # a temp pointer, a damaged step_* (no manifest), and a half-written last line in the metrics log.
+    (cut / "latest").unlink()
+    (cut / ".step_000006.x1y2.tmp").mkdir()
+    (cut / ".step_000006.x1y2.tmp" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (cut / ".latest.tmp").write_text("step_000006")
+    (cut / "step_000005").mkdir()
+    (cut / "step_000005" / "config.json").write_text("{}")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 2.')
+    capsys.readouterr()
+    run_with_crash(tokenizer, cut, 6, resume=True)
+    printed = "".join(capsys.readouterr())
+    assert f"resumed from {cut / 'step_000003'} at step 3" in printed
+    assert "dropped its torn last line" in printed and "removed 0.0 MB of unfinished checkpoint writes" in printed
+    assert not list(cut.glob(".*.tmp"))
+    assert read_losses(cut) == read_losses(tmp_path / "full")  # the resumed run is the uninterrupted one
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{torn"] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=f"{cut / 'metrics.jsonl'}:3: not valid JSON"):
+        run_with_crash(tokenizer, cut, 6, resume=True)
+
+
+def test_a_one_document_corpus_fails_before_step_1(tmp_path):
+    import train
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(Path(json.__file__).parent.parent / "textwrap.py", corpus / "textwrap.py")
+    with pytest.raises(ValueError) as raised:
+        train.main(["--source", str(corpus), "--tokenizer", str(tmp_path / "tok.json"), "--vocab-size", "300",
+                    "--depth", "1", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--device", "cpu",
+                    "--out-dir", str(tmp_path / "run")])
+    message = str(raised.value)
+    assert re.search(r"the (train|validation) split of .* \(\d documents\) is too small", message), message
+    assert "--val-fraction" in message and not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
 @pytest.mark.slow

@@ -4,9 +4,10 @@
     curl localhost:8000/v1/completions -d '{"prompt": "def fib(", "max_tokens": 32, "temperature": 0}'
 
 Routes: /v1/models, /v1/completions and /v1/chat/completions in the shapes of the OpenAI API (streamed as
-server-sent events, one `data: {json}\\n\\n` per chunk and a final `data: [DONE]`), /tokenize, /detokenize,
-/health, /metrics (Prometheus text) and / (a one-file chat page). Every error is JSON in OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`.
+server-sent events, one `data: {json}\\n\\n` per chunk and a final `data: [DONE]`), /tokenize, /detokenize and
+/tokenizer_info in vLLM's shapes, /health, /metrics (Prometheus text, metrics.py) and / (a one-file chat page).
+protocol.py holds the wire format: errors as JSON in OpenAI's shape `{"error": {"message", "type", "param",
+"code"}}`, strict body parsing (a lone surrogate anywhere is a 400 naming the field), the event-stream writer.
 
 Threads. The engine is synchronous, so it runs on one thread of its own (`EngineLoop` in engine_loop.py), stepping
 while there is work and sleeping on its command queue otherwise; nothing else touches it. Handlers on the asyncio
@@ -16,23 +17,25 @@ choices, or several prompts, is several engine requests feeding one queue. /metr
 
 Lifetimes. A client that disconnects cancels its handler (aiohttp's `handler_cancellation`), and the handler's
 `finally` aborts its engine requests, which frees their KV blocks on the engine's next step. On shutdown the
-server stops accepting, waits up to `shutdown_timeout` for the requests in flight, then aborts the rest. If the
-engine thread dies, /health answers 503, requests in flight get a 500 and new ones a 503: nothing hangs.
+server stops accepting, waits up to `shutdown_timeout` for the requests in flight, then aborts the rest, whose
+clients get an `aborted` error (and `[DONE]` when streaming); each later phase has a budget of its own (ABORT_GRACE,
+HANDLER_GRACE, ENGINE_STOP_GRACE), so the whole shutdown ends within `shutdown_timeout` + 2 s. If the engine
+thread dies, /health answers 503, requests in flight get a 500 and new ones a 503: nothing hangs.
 
 Prompts. A string prompt is encoded after a <|bos|>, as every training document was; token-id prompts are used
 as given. Log-likelihood scoring (lm-eval's `local-completions`) sends `echo: true` with `logprobs`: the prompt's
 tokens come back with their logprobs (the first is null: nothing precedes it), from the engine's prompt logprobs.
 lm-eval also sends `max_tokens: 0`, which the engine cannot run (it always samples), so with echo one token is
 generated and dropped: it is in the engine's generation counter but not in `usage`.
+lm-eval's remote tokenizer (`tokenizer_backend=remote`) reads /tokenizer_info (the special tokens and the chat
+template) and finds the special ids by sending their text to /tokenize, which therefore reads special-token text
+("<|eos|>") as the special token, as vLLM's does; the text of a completion or chat request never becomes one.
 """
 import asyncio
 import codecs
 import dataclasses
 import hmac
-import json
 import logging
-import math
-import reprlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,8 +47,12 @@ from nanostack.sampling import SamplingParams
 from nanostack.serving.engine import Engine, RequestOutput
 from nanostack.serving.engine_loop import EngineLoop
 from nanostack.serving.metrics import Metrics
+from nanostack.serving.protocol import ApiError, get_field, is_int, parse_json_body, short, write_event_stream
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
+# Shutdown after shutdown_timeout, in seconds: aborted requests report back (the engine ends its current step first),
+# handlers write their last event (aiohttp waits up to twice this), the engine thread ends.
+ABORT_GRACE, HANDLER_GRACE, ENGINE_STOP_GRACE = 1.0, 0.25, 0.25
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 log = logging.getLogger("nanostack.api")
 
@@ -67,53 +74,6 @@ class ServerConfig:
                           ("max_stop", 0), ("shutdown_timeout", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-
-
-class ApiError(Exception):
-    """An error answered as JSON in the OpenAI shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def body(self) -> dict:
-        """The JSON error object (also sent as an event when a stream fails midway)."""
-        kind = ("invalid_request_error" if self.status < 429 else
-                "rate_limit_exceeded" if self.status == 429 else "server_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        """The error as an HTTP response."""
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Request fields
-
-def _short(value) -> str:
-    return reprlib.repr(value)  # bounded in length and depth, whatever a client sent
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def get_field(body: dict, name: str, kind: type, default=None, low=None, high=None):
-    """body[name] checked to be a `kind` (int, float, bool, str, list, dict) within [low, high]; `default` when it
-    is absent or null. A wrong type or value is a 400 naming the field."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    else:
-        ok = _is_int(value) if kind is int else isinstance(value, kind)
-    if not ok:
-        raise ApiError(400, f"'{name}' must be of type {kind.__name__}, got {_short(value)}", param=name)
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ApiError(400, f"'{name}' must be {bounds}, got {value}", param=name)
-    return value
 
 
 @dataclass
@@ -200,7 +160,7 @@ class Server:
         self.engine, self.config, self.tokenizer = engine, config, engine.tokenizer
         self.max_model_len = engine.scheduler.config.max_model_len
         self.max_sequences = engine.scheduler.config.max_num_seqs + config.max_waiting
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.max_model_len, engine.config.block_size)
         self.engine_loop: EngineLoop | None = None
         self.active = 0                    # engine requests submitted and not finished
         self.idle = asyncio.Event()
@@ -212,7 +172,8 @@ class Server:
     async def start(self, app) -> None:
         """Start the engine thread (on startup: it needs the running event loop)."""
         self.idle.set()
-        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop(), self._on_output)
+        self.engine_loop = EngineLoop(self.engine, asyncio.get_running_loop(), self._on_output,
+                                      self.metrics.observe_step)
         self.engine_loop.thread.start()
 
     async def drain(self, app) -> None:
@@ -224,17 +185,17 @@ class Server:
             log.warning("aborting %d requests still running after %.1fs", self.active, self.config.shutdown_timeout)
             self.engine_loop.abort()
             try:
-                await asyncio.wait_for(self.idle.wait(), 5.0)
+                await asyncio.wait_for(self.idle.wait(), ABORT_GRACE)
             except asyncio.TimeoutError:
                 log.error("requests did not finish after their abort; closing anyway")
 
     async def stop(self, app) -> None:
-        """Stop the engine thread (on cleanup, after drain)."""
-        self.engine_loop.stop()
+        """Stop the engine thread (on cleanup, after drain); a step still running ends with the process."""
+        self.engine_loop.stop(ENGINE_STOP_GRACE)
 
-    def _on_output(self, sink: asyncio.Queue, output: RequestOutput | None) -> None:
+    def _on_output(self, sink: asyncio.Queue, output: RequestOutput | None, scheduled_time: float | None) -> None:
         if output is not None:
-            self.metrics.observe(output)
+            self.metrics.observe(output, scheduled_time)
         sink.put_nowait(output)
 
     def track(self, change: int) -> None:
@@ -273,16 +234,7 @@ class Server:
     # --- request helpers -------------------------------------------------------------------------------
 
     async def _json_body(self, request: web.Request) -> dict:
-        raw = await request.read()  # over client_max_size -> aiohttp raises 413
-
-        def reject_constant(name):
-            raise ValueError(f"{name} is not valid JSON")
-        try:
-            body = json.loads(raw, parse_constant=reject_constant)
-        except (ValueError, RecursionError) as error:
-            raise ApiError(400, f"the request body is not valid JSON: {str(error)[:200]}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        body = parse_json_body(await request.read())  # over client_max_size -> aiohttp raises 413
         model = get_field(body, "model", str)
         if model is not None and model != self.config.served_model_name:
             raise ApiError(404, f"the model '{model[:100]}' does not exist; this server serves "
@@ -291,19 +243,19 @@ class Server:
 
     def _token_ids(self, value, param: str) -> list[int]:
         vocab = self.tokenizer.vocab_size
-        if not isinstance(value, list) or not value or not all(_is_int(t) and 0 <= t < vocab for t in value):
+        if not isinstance(value, list) or not value or not all(is_int(t) and 0 <= t < vocab for t in value):
             raise ApiError(400, f"'{param}' must be a non-empty list of token ids in [0, {vocab}), got "
-                                f"{_short(value)}", param=param)
+                                f"{short(value)}", param=param)
         return value
 
     def _prompts(self, body: dict) -> list[Prompt]:
         """The completion prompts: a string, a list of strings, a list of token ids, or a list of such lists."""
         prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
             raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                                f"token-id lists, got {_short(prompt)}", param="prompt")
+                                f"token-id lists, got {short(prompt)}", param="prompt")
         prompts = []
         for item in prompt:
             if isinstance(item, str):
@@ -329,7 +281,7 @@ class Server:
                 content = "".join(part["text"] for part in content)
             if role not in ROLES or not isinstance(content, str):
                 raise ApiError(400, f"messages[{i}] must have a role in {sorted(ROLES)} and string content, got "
-                                    f"{_short(message)}", param="messages")
+                                    f"{short(message)}", param="messages")
             rendered.append({"role": ROLES[role], "content": content})
         ids, _ = self.tokenizer.render_chat(rendered, add_generation_prompt=True)
         return Prompt(ids, "")
@@ -341,7 +293,7 @@ class Server:
         if stop is not None and (not isinstance(stop, list) or len(stop) > self.config.max_stop
                                  or not all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {self.config.max_stop} "
-                                f"of them, got {_short(body.get('stop'))}", param="stop")
+                                f"of them, got {short(body.get('stop'))}", param="stop")
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=get_field(body, "temperature", float, 1.0, 0.0),
@@ -375,19 +327,6 @@ class Server:
             raise ApiError(400, f"{len(choices)} prompts x choices exceed what the server queues at once "
                                 f"({self.max_sequences}): send fewer prompts or a smaller n", param="n")
         return choices
-
-    async def _stream(self, request: web.Request, chunks) -> web.StreamResponse:
-        """Send each chunk as a server-sent event, then `data: [DONE]`; an error midway becomes an error event."""
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        try:
-            async for chunk in chunks:
-                await response.write(_event(chunk))
-        except ApiError as error:
-            await response.write(_event(error.body()))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
 
     @staticmethod
     def _usage(prompts: list[Prompt], choices: list[Choice]) -> dict:
@@ -474,7 +413,7 @@ class Server:
         submission = Submission(self, choices)
         try:
             if stream:
-                return await self._stream(request, chunks(submission))
+                return await write_event_stream(request, chunks(submission))
             async for choice, output in submission.outputs():
                 parts[choice.index].append(piece(choice, output))
         finally:
@@ -544,7 +483,7 @@ class Server:
         submission = Submission(self, choices)
         try:
             if stream:
-                return await self._stream(request, chunks(submission))
+                return await write_event_stream(request, chunks(submission))
             async for choice, output in submission.outputs():
                 record(choice, output)
         finally:
@@ -561,7 +500,8 @@ class Server:
             "max_model_len": self.max_model_len}]})
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...]} -> token ids."""
+        """POST /tokenize: {"prompt": str, "add_special_tokens": true} or {"messages": [...]} -> token ids.
+        Special-token text in the prompt ("<|eos|>") becomes that token, as in vLLM (see the module docstring)."""
         body = await self._json_body(request)
         if "messages" in body:
             ids = self._chat_prompt(body).ids
@@ -570,13 +510,25 @@ class Server:
             if prompt is None:
                 raise ApiError(400, "send 'prompt' (a string) or 'messages'", param="prompt")
             bos = [self.tokenizer.bos_id] if get_field(body, "add_special_tokens", bool, True) else []
-            ids = bos + self.tokenizer.encode(prompt)
+            ids = bos + self.tokenizer.encode(prompt, allow_special=True)
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """POST /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
         body = await self._json_body(request)
         return web.json_response({"prompt": self.tokenizer.decode(self._token_ids(body.get("tokens"), "tokens"))})
+
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        """GET /tokenizer_info: the tokenizer's settings as vLLM answers them (the fields of a tokenizer_config.json):
+        special tokens, the chat template in Jinja, the context length."""
+        specials = self.tokenizer.special_tokens
+        text_of = {token_id: text for text, token_id in specials.items()}
+        return web.json_response({
+            "tokenizer_class": type(self.tokenizer).__name__, "bos_token": text_of.get(self.tokenizer.bos_id),
+            "eos_token": text_of.get(self.tokenizer.eos_id),
+            "model_max_length": self.max_model_len, "chat_template": self.tokenizer.chat_template,
+            "added_tokens_decoder": {str(token_id): {"content": text, "special": True}
+                                     for text, token_id in specials.items()}})
 
     async def health(self, request: web.Request) -> web.Response:
         """GET /health: 200 while the engine thread runs, 503 after it died."""
@@ -595,10 +547,6 @@ class Server:
         return web.FileResponse(CHAT_PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
-def _event(payload: dict) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-
 SERVER = web.AppKey("server", Server)
 
 
@@ -615,6 +563,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
     app.router.add_post("/v1/chat/completions", server.chat_completions)
     app.router.add_post("/tokenize", server.tokenize)
     app.router.add_post("/detokenize", server.detokenize)
+    app.router.add_get("/tokenizer_info", server.tokenizer_info)
     app.router.add_get("/health", server.health)
     app.router.add_get("/metrics", server.prometheus)
     app.router.add_get("/", server.chat_page)
@@ -624,9 +573,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Listen on host:port (0 = any free port); returns the runner (`await runner.cleanup()` shuts down) and port.
 
-    A disconnecting client cancels its handler, which aborts its engine requests; shutdown drains (see drain)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=app[SERVER].config.shutdown_timeout + 5)
+    A disconnecting client cancels its handler, which aborts its engine requests; shutdown drains (see drain), and
+    only then does aiohttp wait for the handlers, which by then have little left to write."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

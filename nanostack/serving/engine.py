@@ -137,6 +137,7 @@ class Engine:
         self.pending_outputs: list[RequestOutput] = []  # aborts and refusals, reported by the next step
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.num_step_tokens = 0  # tokens the last step's forward computed (vLLM's iteration tokens, for /metrics)
         self._generate_ids = itertools.count()
 
     def _num_blocks(self, max_len: int) -> int:
@@ -224,6 +225,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward over the whole batch, sample, and report what each request gained."""
         outputs, self.pending_outputs = self.pending_outputs, []
+        self.num_step_tokens = 0
         proposals = self._propose()
         chunks = self.scheduler.schedule()
         if proposals:
@@ -233,6 +235,7 @@ class Engine:
         # Prefill chunks first, then single tokens: the two attention paths each take one contiguous slice.
         chunks.sort(key=lambda c: c.num_tokens == 1)
         token_ids, batch, sample_rows, prompt_rows, draft_rows = self._prepare(chunks, proposals)
+        self.num_step_tokens = len(token_ids)
         logits = self.forward(token_ids, batch, self.k_pools, self.v_pools)  # (rows, vocab)
 
         for chunk in chunks:

@@ -5,11 +5,16 @@ that steps while there is work and sleeps on a command queue otherwise; nothing 
 event loop puts "add", "abort" and "stop" commands on that queue, and the engine thread hands every RequestOutput
 back through `loop.call_soon_threadsafe` to the asyncio.Queue ("sink") of the request it belongs to. If the
 thread dies, every request it held or had not yet seen gets None on its sink, so no caller waits forever.
+
+For /metrics it also notes, at the engine's edge, when each request was first scheduled (the start of the first step
+that found it running or finished it; a request's finishing output carries that time to `on_output`) and how many
+tokens each step computed (`on_step`, called on this thread).
 """
 import asyncio
 import logging
 import queue
 import threading
+import time
 
 from nanostack.sampling import SamplingParams
 from nanostack.serving.engine import Engine, RequestOutput
@@ -20,10 +25,13 @@ log = logging.getLogger("nanostack.api")  # the HTTP server's logger: one name f
 class EngineLoop:
     """Runs the engine on a thread of its own: commands in through a queue, outputs out to the asyncio loop."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_output):
-        self.engine, self.loop, self.on_output = engine, loop, on_output
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, on_output, on_step):
+        """`on_output(sink, output, first_scheduled_time or None)` runs on the event loop, `on_step(num_tokens)` on
+        the engine thread."""
+        self.engine, self.loop, self.on_output, self.on_step = engine, loop, on_output, on_step
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.sinks: dict[str, asyncio.Queue] = {}  # request id -> its HTTP request's queue (engine thread only)
+        self.scheduled_at: dict[str, float] = {}   # request id -> when it was first scheduled (engine thread only)
         self.stats = engine.stats()                 # refreshed after every step, read by /metrics
         self.failure: str | None = None            # why the thread ended; set once, under the lock
         self.lock = threading.Lock()
@@ -51,9 +59,9 @@ class EngineLoop:
         self.commands.put(("stop",))
         self.thread.join(timeout)
 
-    def _deliver(self, sink: asyncio.Queue, output: RequestOutput | None) -> None:
+    def _deliver(self, sink: asyncio.Queue, output: RequestOutput | None, scheduled_time: float | None = None) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.on_output, sink, output)
+            self.loop.call_soon_threadsafe(self.on_output, sink, output, scheduled_time)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
 
@@ -92,11 +100,26 @@ class EngineLoop:
                 else:
                     for request_id in list(self.sinks) if args[0] is None else args:
                         engine.abort(request_id)
-            for output in engine.step() if engine.has_unfinished() else []:
-                sink = self.sinks.pop(output.request_id, None) if output.finished else self.sinks.get(output.request_id)
-                if sink is not None:
-                    self._deliver(sink, output)
+            if engine.has_unfinished():
+                self._step()
             self.stats = engine.stats()
+
+    def _step(self) -> None:
+        """One engine step; its outputs go to their sinks, its timings to the metrics callbacks."""
+        engine, step_start = self.engine, time.monotonic()
+        outputs = engine.step()
+        if engine.num_step_tokens:
+            self.on_step(engine.num_step_tokens)
+        for seq in engine.scheduler.running:
+            self.scheduled_at.setdefault(seq.request_id, step_start)
+        for output in outputs:
+            if not output.finished:
+                sink, scheduled_time = self.sinks.get(output.request_id), None
+            else:  # a finished request no earlier step found running was first scheduled in this one
+                sink = self.sinks.pop(output.request_id, None)
+                scheduled_time = self.scheduled_at.pop(output.request_id, step_start if output.token_times else None)
+            if sink is not None:
+                self._deliver(sink, output, scheduled_time)
 
     def _add(self, request_id, prompt, params, arrival_time, sink) -> None:
         self.sinks[request_id] = sink

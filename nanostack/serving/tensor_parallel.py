@@ -53,6 +53,7 @@ import torch.nn as nn
 
 from nanostack.checkpoint import read_config
 from nanostack.model import GPT, MoE, PagedBatch
+from nanostack.parallel import TP_SPLIT
 from nanostack.serving.kv_cache import allocate_kv_pools
 
 STOP, STEP = 0, 1
@@ -105,22 +106,19 @@ def shard_model(model: GPT, rank: int, world_size: int) -> GPT:
     if world_size == 1:
         return model
     for layer in model.layers:
-        attn = layer.attn
-        for linear in (attn.wq, attn.wk, attn.wv):
-            _keep_slice(linear, "weight", 0, rank, world_size)  # whole heads: rows are head-major
-            if linear.bias is not None:
-                _keep_slice(linear, "bias", 0, rank, world_size)
-        _keep_slice(attn.wo, "weight", 1, rank, world_size)
+        attn, mlp = layer.attn, layer.mlp
+        for name, kind in TP_SPLIT.items():  # the split tensor-parallel training uses too
+            if name.startswith("attn.") or not isinstance(mlp, MoE):  # colwise rows are head-major: whole heads
+                linear = layer.get_submodule(name)
+                _keep_slice(linear, "weight", 0 if kind == "colwise" else 1, rank, world_size)
+                if kind == "colwise" and linear.bias is not None:  # (row-parallel projections have none)
+                    _keep_slice(linear, "bias", 0, rank, world_size)
         attn.n_head, attn.n_kv_head = attn.n_head // world_size, attn.n_kv_head // world_size
         # On the Attention and MLP/MoE modules, not their linears: quantization may replace those afterwards.
         attn.register_forward_hook(_sum_over_ranks)
-        mlp = layer.mlp
         if isinstance(mlp, MoE):
             for name, dim in (("w_gate", 1), ("w_up", 1), ("w_down", 2)):  # (n_expert, out, in) stacks
                 _keep_slice(mlp.experts, name, dim, rank, world_size)
-        else:
-            for linear, dim in ((mlp.w_gate, 0), (mlp.w_up, 0), (mlp.w_down, 1)):
-                _keep_slice(linear, "weight", dim, rank, world_size)
         mlp.register_forward_hook(_sum_over_ranks)
     for module in model.modules():  # keep the Linear reprs truthful
         if isinstance(module, nn.Linear):
