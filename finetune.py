@@ -204,9 +204,9 @@ def check_low_precision(config: FinetuneConfig, parallel: ParallelConfig) -> Non
                          "for LoRA on a 4-bit base)")
     if config.qat_group_size != 128 and config.qat != "int4":
         raise ValueError(f"--qat-group-size {config.qat_group_size} applies to --qat int4 only")
-    if (config.base_quant or config.qat) and (parallel.strategy == "fsdp" or parallel.tp > 1 or parallel.pp > 1):
-        raise ValueError(f"--{'base-quant' if config.base_quant else 'qat'} with --strategy fsdp, --tp or --pp: "
-                         "those shard parameters, not 4-bit buffers or fake quantizers; use --strategy ddp or one device")
+    if (config.base_quant or config.qat) and parallel.strategy == "fsdp":
+        raise ValueError(f"--{'base-quant' if config.base_quant else 'qat'} with --strategy fsdp: FSDP shards "
+                         "parameters, not 4-bit buffers or fake quantizers; use --strategy ddp or one device")
 
 
 def prepare_model(model, config: FinetuneConfig) -> int:
@@ -219,19 +219,13 @@ def prepare_model(model, config: FinetuneConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-<<<<<<< HEAD
 def training_state_bytes(model, frozen_bytes: int) -> int:
     """Frozen weights plus the trainable parameters in fp32 with their gradients and AdamW's two moments."""
     return frozen_bytes + 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def sft_batches(config, tokenizer, conversations, seq_len, train_config, rank):
-    """The SFT/distillation batch source over `conversations`."""
-    examples = [chat_data.sft_example(tokenizer, messages, seq_len) for messages in conversations]
-=======
 def sft_batches(config, tokenizer, examples, seq_len, train_config, rank):
     """The SFT/distillation batch source over `examples` (rows from chat_data.sft_examples)."""
->>>>>>> main
     return chat_data.chat_batches(examples, train_config.batch_size, seq_len, tokenizer.eos_id,
                                   packing=config.packing, seed=train_config.seed, rank=rank.rank,
                                   world_size=rank.world_size)
@@ -335,17 +329,12 @@ def main(argv=None) -> int:
     config = dataclass_from_args(FinetuneConfig, args)
     train_config = dataclass_from_args(TrainConfig, args)
     parallel = dataclass_from_args(ParallelConfig, args)
-<<<<<<< HEAD
-    if config.mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {config.mode!r}")
-    check_low_precision(config, parallel)
-=======
     check_arguments(config)
+    check_low_precision(config, parallel)
     if parallel.tp > 1 or parallel.pp > 1:  # its objectives read whole logits, its evaluation generates
         raise SettingsError(f"finetune.py runs data-parallel only (--strategy ddp|fsdp), not --tp {parallel.tp} "
                             f"--pp {parallel.pp}: tensor and pipeline parallelism are for train.py")
     datasets = load_datasets(config)  # every line of a --data file is checked before any model loads
->>>>>>> main
     out_dir = Path(train_config.out_dir or f"out/{config.mode}")
     rank = distributed.setup(resolve_device(train_config.device), parallel)
     say = print if rank.is_main else (lambda *a, **k: None)

@@ -130,9 +130,9 @@ def int4_quality(config: BenchConfig, model, tokenizer) -> dict:
                            "perplexity": metrics["perplexity"], "loss": metrics["loss"],
                            "top1_agreement": metrics["top1_agreement"], "weight_bytes": nf4_bytes,
                            "vs_bf16_bytes": nf4_bytes / report["bf16_weight_bytes"],
-                           "bpb_increase": metrics["bpb"] / full["bpb"] - 1})
+                           "bpb_increase_percent": 100 * (metrics["bpb"] / full["bpb"] - 1)})
     rows = {row["variant"]: row for row in report["rows"]}
-    rtn, gptq = (rows[f"int4-{m}(g{config.group_size})"]["bpb_increase"] for m in ("rtn", "gptq"))
+    rtn, gptq = (rows[f"int4-{m}(g{config.group_size})"]["bpb_increase_percent"] for m in ("rtn", "gptq"))
     report["gptq_removes_of_rtn_increase"] = (rtn - gptq) / rtn if rtn > 0 else None
     return report
 
@@ -174,7 +174,7 @@ def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
     ptq = {"w8a8": dict(mode="w8a8"), "w8a8+smoothquant(0.5)": dict(mode="w8a8", smooth_alpha=0.5),
            "int4-rtn": dict(mode="int4", group_size=config.group_size),
            "int4-gptq": dict(mode="int4", group_size=config.group_size, int4_method="gptq")}
-    rows = [{"model": "sft, full precision", "heldout_loss": full, "increase": 0.0}]
+    rows = [{"model": "sft, full precision", "heldout_loss": full}]
     for name, settings in ptq.items():
         model = quant.quantize_model(quant.copy_model(sft["model"]), calibration_batches=calibration, **settings)
         rows.append({"model": f"sft, then PTQ {name}", "heldout_loss": heldout(model)})
@@ -182,8 +182,8 @@ def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
         quantized = quant.load_quantized(runs[f"qat_{mode}"]["out_dir"] / "quantized")["model"]
         rows.append({"model": f"QAT {mode}, quantized", "heldout_loss": heldout(quantized)})
     for row in rows:
-        row["increase"] = row["heldout_loss"] / full - 1
-    by_model = {row["model"]: row["increase"] for row in rows}
+        row["increase_percent"] = 100 * (row["heldout_loss"] / full - 1)
+    by_model = {row["model"]: row["increase_percent"] for row in rows}
 
     def removed(ptq_name, qat_name):
         ptq_increase = by_model[ptq_name]

@@ -420,17 +420,10 @@ def copy_model(model: GPT) -> GPT:
 
 def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: int = 16, batch_size: int = 8,
                    seq_len: int = 0, calibration_batches: int = 8, smooth_alpha: float = 0.5,
-<<<<<<< HEAD
                    skip=DEFAULT_SKIP, group_size: int = 128) -> dict:
     """Full precision vs W8A16, W8A8, W8A8 + SmoothQuant, int4 by RTN and by GPTQ on the val split of data_dir:
-    bits per byte, perplexity, top-1 agreement with full precision, weight bytes and their ratio to bf16 bytes.
-    The int4 rows keep MoE experts (if any) in high precision too."""
-=======
-                   skip=DEFAULT_SKIP) -> dict:
-    """Full precision vs W8A16 vs W8A8 vs W8A8 + SmoothQuant on the val split of data_dir: bits per byte (and how
-    much higher than full precision's, in percent), perplexity, top-1 agreement with full precision, weight bytes
-    and their ratio to bf16 bytes."""
->>>>>>> main
+    bits per byte (and how much higher than full precision's, in percent), perplexity, top-1 agreement with full
+    precision, weight bytes and their ratio to bf16 bytes. The int4 rows keep MoE experts (if any) high precision."""
     device = model.tok_emb.weight.device
     seq_len = seq_len or model.config.max_seq_len
     val = list(data.eval_batches(data.TokenShards(data_dir, "val", tokenizer), batch_size, seq_len, eval_batches))
@@ -446,14 +439,9 @@ def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: 
                                                           calibration_batches=calibration, skip=(*skip, "experts"))
     rows, reference_top1 = [], None
     for name, settings in variants.items():
-<<<<<<< HEAD
         variant = model if settings is None else quantize_model(copy_model(model), **{"skip": skip, **settings})
-        metrics = evaluate(variant.eval(), val, token_bytes, reference_top1)
-=======
-        variant = model if settings is None else quantize_model(copy_model(model), skip=skip, **settings)
         progress = tqdm(val, desc=f"quality report: {name}", unit="batch", leave=False)  # minutes on a CPU
         metrics = evaluate(variant.eval(), progress, token_bytes, reference_top1)
->>>>>>> main
         if reference_top1 is None:
             reference_top1 = metrics["top1"]
         variant_bytes = weight_bytes(variant)

@@ -88,6 +88,6 @@ def test_qat_refuses_unknown_modes_moe_models_and_a_second_application():
     (["--qat", "w8a8", "--lora-rank", "4"], "drop --lora-rank"),
     (["--qat", "w8a8", "--qat-group-size", "64"], "--qat int4 only"),
 ])
-def test_finetune_refuses_low_precision_flags_that_cannot_work(flags, message):
+def test_finetune_refuses_low_precision_flags_that_cannot_work(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        finetune.main(["--init", "does-not-matter", *flags])  # refused before anything is loaded
+        finetune.main(["--init", str(tmp_path), *flags])  # refused before anything is loaded
