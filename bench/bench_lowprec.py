@@ -163,7 +163,7 @@ def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
     datasets = finetune.load_datasets(finetune.FinetuneConfig(eval_examples=config.eval_examples))
     sft = checkpoint.load_checkpoint(runs["sft"]["out_dir"])
     evaluator = finetune.Evaluator(sft["tokenizer"], datasets, sft["config"].max_seq_len, 8,
-                                   autocast_context("float32", torch.device("cpu")))
+                                   autocast_context("float32", torch.device("cpu")), progress=False)
 
     def heldout(model):
         return evaluator.heldout_loss(model.eval())["heldout_loss"]
