@@ -49,7 +49,7 @@ class ServeConfig:
     port: int = 8000                # TCP port to listen on
     device: str = "auto"            # auto (CUDA when present), cpu, cuda, cuda:1, ...
     dtype: str = "auto"             # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
-    quant: str = ""                 # int8-wo | w8a8: quantize the model to int8 on the fly (checkpoints saved by nanostack.quant load as they are)
+    quant: str = ""                 # int8-wo | w8a8 | int4 (round to nearest, groups of 128): quantize on the fly (checkpoints saved by nanostack.quant load as they are)
     draft: str = ""                 # speculative decoding with this smaller checkpoint or HF model (same tokenizer) as the draft
     ngram: bool = False             # speculative decoding by n-gram prompt lookup (no draft model)
     tp: int = 1                     # tensor parallel: split the model over this many GPUs of the node (cuda:0..N-1; on CPU, N processes)

@@ -289,7 +289,7 @@ def load_checkpoint(path, device="cpu", *, dtype: torch.dtype | None = None, ver
                                         *hf_tokenizer.CONFIG_FILES})
         if raw.get("quantization"):
             quantization = raw["quantization"]
-            raise CheckpointError(f"{directory} holds an int8-quantized model (mode {quantization.get('mode')}): serve "
+            raise CheckpointError(f"{directory} holds a quantized model (mode {quantization.get('mode')}): serve "
                                   f"it (python serve.py --model {directory}) but train or fine-tune its full-precision "
                                   f"source instead ({quantization.get('source')})")
         if not (directory / "model.safetensors").exists():
