@@ -207,6 +207,36 @@ def _w8a16_launches(module, arch):
                              no_wgmma=_matmul_no_wgmma(config))
 
 
+def _w4a16_launches(module, arch):
+    N, K = 14336, 4096  # a Llama-3-8B MLP projection
+    for dtype in module.KERNEL_DTYPES:
+        dot_dtype, dot_precision = module.dot_dtype_and_precision(dtype)
+        for group_size in (32, 128):
+            block_k = min(group_size, module.MAX_BLOCK_K)
+            for has_bias, split_k in ((False, 1), (True, 1), (False, 8)):
+                for config in module._w4a16_matmul_kernel.configs:
+                    args = dict(X=dtype, W=torch.uint8, Scale=dtype, Zero=torch.uint8, Bias=dtype,
+                                C=dtype if split_k == 1 else torch.float32, M=TOKENS, N=N, K=K, M_BUCKET=TOKENS,
+                                SPLIT_K=split_k, stride_xm=K, stride_xk=1, stride_wn=K // 2, stride_wk=1,
+                                stride_sn=K // group_size, stride_sg=1, stride_ck=TOKENS * N, stride_cm=N,
+                                stride_cn=1, GROUP_SIZE=group_size, BLOCK_K=block_k, HAS_BIAS=has_bias,
+                                DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision)
+                    tile = "x".join(str(config.kwargs[name]) for name in ("BLOCK_M", "BLOCK_N"))
+                    label = (f"w4a16 {str(dtype)[6:]} G={group_size} bias={has_bias} split={split_k} {tile} "
+                             f"warps {config.num_warps} stages {config.num_stages}")
+                    yield Launch(label, args, _config_dict(config),
+                                 full_only=dtype == torch.float16 or has_bias or group_size == 32,
+                                 no_wgmma=_matmul_no_wgmma(config))
+
+
+def _sum_splits_launches(module, arch):
+    for dtype, has_bias in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True)):
+        args = dict(P=torch.float32, Bias=dtype, C=dtype, N=14336, SPLIT_K=8, TOTAL=16 * 14336, HAS_BIAS=has_bias,
+                    BLOCK=module.SUM_BLOCK)
+        yield Launch(f"sum splits {str(dtype)[6:]} bias={has_bias}", args, dict(num_warps=4, num_stages=3),
+                     full_only=dtype == torch.float16, no_wgmma="no tl.dot (a sum over splits)")
+
+
 def _config_dict(config):
     return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -232,6 +262,8 @@ KERNELS = [
     KernelCheck("kernels.paged_attention", "_write_kv_kernel", _write_kv_launches),
     KernelCheck("kernels.int8_matmul", "_int8_matmul_kernel", _int8_launches),
     KernelCheck("kernels.int8_matmul", "_w8a16_matmul_kernel", _w8a16_launches),
+    KernelCheck("kernels.int4_matmul", "_w4a16_matmul_kernel", _w4a16_launches),
+    KernelCheck("kernels.int4_matmul", "_sum_splits_kernel", _sum_splits_launches),
 ]
 CHECKS = {check.name: check for check in KERNELS}
 
