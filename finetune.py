@@ -4,6 +4,8 @@
     python finetune.py --lora-rank 8                     # the same with LoRA adapters on wq and wv
     python finetune.py --mode dpo --init out/sft         # prefer the right docstring over another one
     python finetune.py --mode distill --init out/small --teacher out/sft --kd-baseline true
+    python finetune.py --lora-rank 8 --base-quant nf4        # QLoRA: adapters on a frozen 4-bit NF4 base
+    python finetune.py --qat w8a8                            # quantization-aware: trained to be served in W8A8
 
     python finetune.py --task addition --out-dir out/sft_add             # SFT on a verifiable task's answers
     python finetune.py --mode grpo --task addition --init out/sft_add    # reinforcement learning from its reward
@@ -32,8 +34,16 @@ What --out-dir holds:
     adapter/             LoRA: the adapter alone (adapter.safetensors + adapter.json naming the base)
     lora_run/            LoRA: the training checkpoints (base + unmerged adapter + optimizer state), which
                          `--resume true` continues exactly; kept apart so `latest` is always servable
+    qat_run/, quantized/ --qat: the training checkpoints (weights under fake quantization), and the trained
+                         model quantized with the mode it trained under (serve it as it is)
     baseline/            distill with --kd-baseline: the same student trained without the teacher
 With `--merge-lora false` a LoRA run writes no merged checkpoint: load the base and `lora.load_adapter`.
+
+QLoRA (`--base-quant nf4`) keeps the frozen base in 4-bit NormalFloat (nanostack/quant4.py), dequantized layer
+by layer in forward and backward; eval.json compares the frozen base's bytes and the whole training state's
+bytes with a bf16 LoRA's. The merged checkpoint is the dequantized base plus the adapter, in full precision
+(quantize it with `python -m nanostack.quant` to serve it in 4 or 8 bits). `--qat w8a8|int4` fine-tunes the
+whole model through fake quantizers (nanostack/qat.py), so quantizing it afterwards loses little.
 
 LoRA from a pretrained model: add lm_head to --lora-targets (e.g. `attn,lm_head`). The chat template's
 <|end|> was never a pretraining target, and a frozen output head cannot learn to predict it; on the
@@ -48,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from nanostack import chat_data, checkpoint, distributed, evaluate, lora, objectives, tasks
+from nanostack import chat_data, checkpoint, distributed, evaluate, lora, objectives, qat, quant, quant4, tasks
 from nanostack.atomic import write_json
 from nanostack.cli import SettingsError, add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.distributed import ParallelConfig
@@ -72,6 +82,9 @@ class FinetuneConfig:
     lora_dropout: float = 0.0       # dropout on the adapters' input
     lora_targets: str = "qv"        # qv | attn | all | a comma list of wq,wk,wv,wo,w_gate,w_up,w_down,lm_head
     merge_lora: bool = True         # write the adapters merged into a plain checkpoint for serving
+    base_quant: str = ""            # nf4 = QLoRA: the frozen base in 4-bit NormalFloat (needs --lora-rank); empty = off
+    qat: str = ""                   # w8a8 | int4: quantization-aware full fine-tuning for that PTQ mode; empty = off
+    qat_group_size: int = 128       # --qat int4: input channels per scale and zero point
     teacher: str = ""               # distill: teacher checkpoint (must use the student's tokenizer)
     kd_temperature: float = 2.0     # distill: softmax temperature of both distributions
     kd_alpha: float = 0.5           # distill: weight of the KL term; 1 - alpha goes to the hard-label loss
@@ -251,11 +264,38 @@ def stop_at_end_of_turn(tokenizer, init_path, say) -> None:
             f"token of {init_path}: added to the stop ids saved with the fine-tuned model")
 
 
+def check_low_precision(config: FinetuneConfig, parallel: ParallelConfig) -> None:
+    """Refuse --base-quant / --qat settings that could not do what they say."""
+    if config.base_quant not in ("", "nf4"):
+        raise ValueError(f"--base-quant {config.base_quant!r}: expected nf4 (QLoRA) or empty")
+    if config.base_quant and not config.lora_rank:
+        raise ValueError("--base-quant nf4 freezes the base in 4 bits, so only LoRA adapters can train: "
+                         "add --lora-rank R (e.g. 8)")
+    if config.qat not in ("", *qat.MODES):
+        raise ValueError(f"--qat {config.qat!r}: expected one of {', '.join(qat.MODES)} or empty")
+    if config.qat and config.lora_rank:
+        raise ValueError("--qat trains the quantized weights themselves: drop --lora-rank (or use --base-quant nf4 "
+                         "for LoRA on a 4-bit base)")
+    if config.qat_group_size != 128 and config.qat != "int4":
+        raise ValueError(f"--qat-group-size {config.qat_group_size} applies to --qat int4 only")
+    if (config.base_quant or config.qat) and parallel.strategy == "fsdp":
+        raise ValueError(f"--{'base-quant' if config.base_quant else 'qat'} with --strategy fsdp: FSDP shards "
+                         "parameters, not 4-bit buffers or fake quantizers; use --strategy ddp or one device")
+
+
 def prepare_model(model, config: FinetuneConfig) -> int:
-    """Put LoRA adapters on the model (lora_rank > 0) or leave it fully trainable; returns trainable params."""
+    """Put LoRA adapters (lora_rank > 0) or QAT's fake quantizers (--qat) on the model, or leave it fully
+    trainable; returns trainable params. QLoRA's base is quantized before (quantize_base_nf4)."""
     if config.lora_rank:
         return lora.apply_lora(model, config.lora_targets, config.lora_rank, config.lora_alpha, config.lora_dropout)
+    if config.qat:
+        qat.apply_qat(model, config.qat, config.qat_group_size)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def training_state_bytes(model, frozen_bytes: int) -> int:
+    """Frozen weights plus the trainable parameters in fp32 with their gradients and AdamW's two moments."""
+    return frozen_bytes + 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def sft_batches(config, tokenizer, examples, seq_len, train_config, rank):
@@ -373,6 +413,7 @@ def main(argv=None) -> int:
     train_config = dataclass_from_args(TrainConfig, args)
     parallel = dataclass_from_args(ParallelConfig, args)
     check_arguments(config)
+    check_low_precision(config, parallel)
     if parallel.tp > 1 or parallel.pp > 1:  # its objectives read whole logits, its evaluation generates
         raise SettingsError(f"finetune.py runs data-parallel only (--strategy ddp|fsdp), not --tp {parallel.tp} "
                             f"--pp {parallel.pp}: tensor and pipeline parallelism are for train.py")
@@ -410,10 +451,13 @@ def main(argv=None) -> int:
             f"{seq_len}: left out of the held-out loss")
     before, before_scores = evaluator(model, "the initial model")
 
+    total_params, bf16_base_bytes = model.num_params(), quant.weight_bytes(model)
+    if config.base_quant:
+        quant4.quantize_base_nf4(model)  # QLoRA: the frozen base in NF4 (the reference below too)
     # The reference of DPO and GRPO is the model as it starts; a copy is taken before LoRA changes the module tree.
     keeps_reference = config.mode == "grpo" or (config.mode == "dpo" and not config.dpo_precompute_reference)
     reference = copy.deepcopy(model) if keeps_reference else None
-    total_params = model.num_params()
+    base_bytes = quant.weight_bytes(model)
     trainable = prepare_model(model, config)
     lora_settings = lora.lora_config(model) if config.lora_rank else None
     if not train_config.lr:
@@ -440,8 +484,10 @@ def main(argv=None) -> int:
 
     identity = lora.checkpoint_identity(config.init)
     record = {"mode": config.mode, "finetune": {"init": identity, "data": config.data, "lora": lora_settings,
-                                                 "lora_merged": bool(lora_settings) and config.merge_lora}}
-    run_dir = out_dir / "lora_run" if config.lora_rank else out_dir
+                                                 "lora_merged": bool(lora_settings) and config.merge_lora,
+                                                 "base_quant": config.base_quant or None, "qat": config.qat or None}}
+    # Checkpoints of LoRA and QAT runs hold more than a plain model (adapters, fake quantizers): kept apart.
+    run_dir = out_dir / "lora_run" if config.lora_rank else out_dir / "qat_run" if config.qat else out_dir
     start = time.time()
     train(model, objective, batches, replace(train_config, out_dir=str(run_dir)), model_config=model_config,
           tokenizer=tokenizer, evaluate=evaluator.heldout_loss, extra_config=record, parallel=parallel, rank=rank)
@@ -453,6 +499,11 @@ def main(argv=None) -> int:
               "lr": train_config.lr, "train_seconds": train_seconds,
               "step_seconds": train_seconds / max(1, train_config.steps), "peak_memory_mb": peak_memory_mb(device),
               "config": asdict(config), "before": before, "after": after}
+    if lora_settings:  # floats counted at bf16: the QLoRA base against the same LoRA on a bf16 base
+        report["memory_bytes"] = {
+            "frozen_base": base_bytes, "training_state": training_state_bytes(model, base_bytes),
+            "bf16_lora_frozen_base": bf16_base_bytes,
+            "bf16_lora_training_state": training_state_bytes(model, bf16_base_bytes)}
     extra = {}
     if config.mode == "dpo" and after_scores is not None:
         # Implicit rewards beta * (policy - reference): the reference's scores are the "before" ones.
@@ -465,6 +516,8 @@ def main(argv=None) -> int:
                                                               seq_len, evaluator, out_dir)
     report.update(extra)
 
+    lora.dequantize_bases(model)  # QLoRA: the adapter is merged into the dequantized NF4 base
+    qat_settings = qat.remove_qat(model) if config.qat else None
     weights = distributed.full_model_state(model)  # a collective under FSDP: every rank takes part
     if rank.is_main and lora_settings:
         lora.save_adapter(out_dir / "adapter", weights, lora_settings, base=identity)
@@ -472,6 +525,11 @@ def main(argv=None) -> int:
             merged = lora.merge_state_dict(weights, lora_settings["alpha"] / lora_settings["rank"])
             checkpoint.save_run_checkpoint(out_dir, train_config.steps, train_config.keep, weights=merged,
                                            config=model_config, tokenizer=tokenizer, extra_config=record)
+    if rank.is_main and qat_settings:
+        checkpoint.save_run_checkpoint(out_dir, train_config.steps, train_config.keep, weights=weights,
+                                       config=model_config, tokenizer=tokenizer, extra_config=record)
+        quantized = qat.quantize_trained(model, qat_settings)
+        quant.save_quantized(quantized, tokenizer, out_dir / "quantized", source=str(out_dir))
     if rank.is_main:
         write_json(out_dir / "eval.json", report)
         print_comparison(before, after, extra)
@@ -541,6 +599,8 @@ def train_baseline(config, train_config, parallel, rank, examples, seq_len, eval
     student = checkpoint.load_checkpoint(config.init, rank.device)
     model, tokenizer = student["model"], student["tokenizer"]
     stop_at_end_of_turn(tokenizer, config.init, lambda *args: None)  # main() said so already
+    if config.base_quant:
+        quant4.quantize_base_nf4(model)
     prepare_model(model, config)
     batches = sft_batches(config, tokenizer, examples, seq_len, train_config, rank)
     train(model, objectives.sft, batches, replace(train_config, out_dir=str(out_dir / "baseline")),

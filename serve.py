@@ -33,6 +33,7 @@ from nanostack.model import GPT, ModelConfig
 from nanostack.quant import MODES
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.serving.api import ServerConfig, create_app, start_server
+from nanostack.serving.embeddings import named_pooling
 from nanostack.serving.engine import Engine, EngineConfig
 from nanostack.serving.speculative import SpeculativeConfig, Speculator
 from nanostack.serving.tensor_parallel import ModelSpec, Workers, broadcasting_forward, load_model
@@ -48,7 +49,7 @@ class ServeConfig:
     port: int = 8000                # TCP port to listen on
     device: str = "auto"            # auto (CUDA when present), cpu, cuda, cuda:1, ...
     dtype: str = "auto"             # auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16
-    quant: str = ""                 # int8-wo | w8a8: quantize the model to int8 on the fly (checkpoints saved by nanostack.quant load as they are)
+    quant: str = ""                 # int8-wo | w8a8 | int4 (round to nearest, groups of 128): quantize on the fly (checkpoints saved by nanostack.quant load as they are)
     draft: str = ""                 # speculative decoding with this smaller checkpoint or HF model (same tokenizer) as the draft
     ngram: bool = False             # speculative decoding by n-gram prompt lookup (no draft model)
     tp: int = 1                     # tensor parallel: split the model over this many GPUs of the node (cuda:0..N-1; on CPU, N processes)
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
                                                  target_tokenizer=loaded["tokenizer"],
                                                  target_path=Path(spec.path) / "tokenizer.json")
                       if config.draft else Speculator(speculative_config) if config.ngram else None)
+        server_config.pooling = server_config.pooling or named_pooling(spec.path)
         engine = Engine(network, loaded["tokenizer"], engine_config, speculator,
                         forward=broadcasting_forward(network) if workers else None)
         if workers:

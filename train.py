@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from nanostack import checkpoint, data, distributed, objectives
+from nanostack import checkpoint, data, distributed, download, objectives
 from nanostack.distributed import ParallelConfig
 from nanostack.cli import add_dataclass_args, dataclass_from_args, given_fields, make_parser, run
 from nanostack.model import GPT, ModelConfig, default_learning_rate
@@ -109,12 +109,12 @@ def main(argv=None) -> int:
     # Rank 0 downloads, trains the tokenizer and tokenizes the corpus; the others wait, then read what it wrote.
     download_dir = Path(config.tokenizer).parent / "download" / Path(config.source).stem
     if rank.is_main:
-        config.source = data.download_source(config.source, download_dir, config.max_shards or None)
+        config.source = download.download_source(config.source, download_dir, config.max_shards or None)
         tokenizer = load_or_train_tokenizer(config.tokenizer, config.source, config.vocab_size,
                                             config.tokenizer_max_mb)
     distributed.barrier()
     if not rank.is_main:
-        config.source = data.download_source(config.source, download_dir, config.max_shards or None)  # now on disk
+        config.source = download.download_source(config.source, download_dir, config.max_shards or None)  # now on disk
         tokenizer = Tokenizer.load(config.tokenizer)
     data_dir = Path(config.data_dir or default_data_dir(config.tokenizer, config.source))
     if rank.is_main:

@@ -13,7 +13,7 @@ as "-" instead of silently falling back to another).
 FLOPs are the standard count: forward 4 * B * H * T^2 * D (two matmuls of 2 * T^2 * D each per head), halved
 when causal; backward 2.5x forward (five matmuls instead of two), so forward+backward is 3.5x. The backward
 column is derived as (fwd+bwd time) - (fwd time). Times are medians of triton.testing.do_bench (CUDA events,
-warmup first, gradients reset between runs); the first call of each shape runs our autotuner outside timing.
+warmup first, gradients reset between runs); the first call of each shape compiles our kernels outside timing.
 Accuracy: max abs error of output and gradients against a float64 attention on one small odd-length case.
 
 Smoke mode exists to check the script end to end without a GPU: interpreter timings mean nothing.
@@ -91,7 +91,7 @@ def peers(device):
 def measure(name, forward, inputs, config, flops):
     """Forward and forward+backward times and TFLOP/s of forward(*inputs); None where the backend refuses."""
     try:
-        out = forward(*inputs)  # first call: autotuning / backend selection, kept out of the timings
+        out = forward(*inputs)  # first call: compilation / backend selection, kept out of the timings
         dout = torch.randn_like(out)
         out.backward(dout)
         fwd_ms = time_ms(lambda: forward(*inputs), config, grad_to_none=list(inputs))

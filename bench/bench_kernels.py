@@ -23,7 +23,8 @@ where both are bound by reading the weight: the int8 weight is half the bytes, s
 the table gives weight GB/s for each.
 
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between runs); the first call of each
-shape runs the autotuner outside timing. Accuracy: max abs error against the torch references on one shape.
+shape compiles (the int8 matmuls also autotune) outside timing. Accuracy: max abs error against the torch
+references on one shape.
 Smoke mode only checks the script end to end: interpreter timings mean nothing and no targets are judged.
 """
 import argparse
@@ -135,7 +136,7 @@ def paged_rows(config, device, copy_gbs):
                 continue
             case = paged_case(config, device, batch, context, generator)
             moved = kv_bytes + 2 * batch * config.n_head * config.head_dim * element  # K, V + q in, out
-            paged_decode_attention(*case)  # autotune outside the timing
+            paged_decode_attention(*case)  # compile outside the timing
             ours_ms = time_ms(lambda: paged_decode_attention(*case), config)
             peer_ms = time_ms(lambda: gather_then_sdpa(*case[:4], context), config)
             rows.append({"context": context, "batch": batch, "ours_ms": ours_ms, "ours_gbs": moved / ours_ms / 1e6,

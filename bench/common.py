@@ -73,8 +73,11 @@ def environment(device="cpu") -> dict:
 
 
 def device_tag(device="cpu") -> str:
-    """Short file-name tag: "cpu", or the accelerator's name as a slug ("nvidia-h100-80gb-hbm3")."""
-    return "cpu" if str(device) == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    """Short file-name tag: "cpu" or "cuda" (the GPU's name is in the file's environment), else a slug."""
+    device = str(device)
+    if device == "cpu" or device.startswith("cuda"):
+        return device.split(":")[0]
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
 def print_table(rows: list[dict], title: str | None = None) -> None:

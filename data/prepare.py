@@ -17,7 +17,7 @@ from pathlib import Path
 # The package is used from the checkout, not installed; this script lives one level below the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanostack import data  # noqa: E402
+from nanostack import data, download  # noqa: E402
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run  # noqa: E402
 from train import PretrainConfig, default_data_dir, load_or_train_tokenizer  # noqa: E402
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     config = dataclass_from_args(PrepareConfig, parser.parse_args(argv))
     # train.py names a downloaded corpus's shards after its download directory; so does this, given one.
     out_dir = Path(config.out_dir or default_data_dir(config.tokenizer, config.download_dir or config.source))
-    source = data.download_source(config.source, config.download_dir or out_dir / "raw", config.max_shards)
+    source = download.download_source(config.source, config.download_dir or out_dir / "raw", config.max_shards)
     tokenizer = load_or_train_tokenizer(config.tokenizer, source, config.vocab_size, config.tokenizer_max_mb)
     index = data.prepare_tokens(source, tokenizer, out_dir, config.val_fraction, config.shard_tokens,
                                 config.workers)

@@ -52,49 +52,35 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2_E = 1.4426950408889634
 
 
-def _autotune_settings(blocks_by_head_dim, interpreter_blocks):
-    """triton.autotune arguments: GPU candidates listed per head dim (pruned to the launch's HEAD_DIM), or one
-    fixed small config under the interpreter, where timing means nothing."""
-    if INTERPRET:
-        block_m, block_n = interpreter_blocks
-        return dict(configs=[triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})])
-    configs, listed_head_dims = [], []
-    for head_dim, blocks in blocks_by_head_dim.items():
-        for block_m, block_n, warps, stages in blocks:
-            configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
-                                         num_stages=stages))
-            listed_head_dims.append(head_dim)
-
-    def keep_listed_for_head_dim(candidates, named_args, **kwargs):
-        # Head dims under 64 take the 64 list: smaller rows only lower the register pressure.
-        listed = min(head_dim for head_dim in blocks_by_head_dim if head_dim >= kwargs["HEAD_DIM"])
-        return [config for config, head_dim in zip(candidates, listed_head_dims) if head_dim == listed]
-    return dict(configs=configs, prune_configs_by={"early_config_prune": keep_listed_for_head_dim})
-
-
-# GPU candidates as (BLOCK_M, BLOCK_N, num_warps, num_stages), picked from what compiling for sm_90 reports
-# (ptxas -v): none spills registers, except causal D=128 dK/dV at 8-64 bytes in three of its four, kept for
-# the autotuner to measure. Forward and dQ hold a query block and stream keys: 128 query rows
-# amortise each K/V tile over many rows, 3-4 stages keep the next tiles in flight while the tensor cores work.
-# At D=128 the (128, D) fp32 accumulator is 64 registers per thread even at 8 warps, so 4 warps spill there.
-# The dK/dV kernel holds two fp32 (BLOCK_N, D) accumulators, so it wants 8 warps and short query blocks.
+# Tiles are chosen by rule, not by autotuning. An autotuner benchmarks every candidate the first time it sees a
+# key: during serving that is a latency spike at each new key (keyed on a length bucket, every longer prompt
+# retuned mid-serving), and without the length in the key the choice is whatever suited the first call's shape.
+# FlashAttention also fixes its tiles per head dim and architecture. Entries are (BLOCK_M, BLOCK_N, num_warps,
+# num_stages) by kernel, head dim (up to 64, or 128) and element size, each the largest tile that compiles for
+# sm_80 and sm_90 without register spills (ptxas 13, tests/test_kernels_compile.py checks every entry):
+# - forward and dQ hold a block of 128 query rows (amortising each K/V tile over many rows) and its fp32
+#   accumulator, which at 8 warps leaves room for 64-key tiles (32 keys for dQ at D=128, beside dO and dQ).
+# - dK/dV holds two fp32 (BLOCK_N, D) accumulators: 128 keys with 32-row query blocks at D=64, 64 keys at D=128.
+# - fp32 (the testing path; its dots run as tf32 on the tensor cores) has twice the bytes per tile: fewer rows.
+#   At D=128 its dK/dV tiles of 32 keys are below wgmma's 64 rows; 64-key tiles spill there.
+_GPU_BLOCKS = {
+    ("fwd", 64, 2): (128, 64, 8, 2), ("fwd", 128, 2): (128, 64, 8, 3),
+    ("fwd", 64, 4): (128, 32, 8, 3), ("fwd", 128, 4): (64, 32, 8, 2),
+    ("dkdv", 64, 2): (32, 128, 8, 3), ("dkdv", 128, 2): (16, 64, 8, 3),
+    ("dkdv", 64, 4): (16, 64, 8, 3), ("dkdv", 128, 4): (16, 32, 4, 2),
+    ("dq", 64, 2): (128, 64, 8, 3), ("dq", 128, 2): (128, 32, 8, 3),
+    ("dq", 64, 4): (64, 32, 4, 3), ("dq", 128, 4): (64, 16, 4, 2),
+}
 # Under the interpreter the blocks are deliberately unequal (32x16 and 16x32) so the tests cover diagonals that
 # do not line up with block edges, and tiny so that lengths of a few dozen already span several blocks.
-_FWD_AUTOTUNE = _autotune_settings(
-    {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)],
-     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 4), (64, 64, 4, 3)]},
-    interpreter_blocks=(32, 16))
-_DKDV_AUTOTUNE = _autotune_settings(
-    {64: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
-     128: [(16, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 3)]},
-    interpreter_blocks=(16, 32))
-_DQ_AUTOTUNE = _autotune_settings(
-    {64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-     128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]},
-    interpreter_blocks=(32, 16))
-# Retune when the length scale changes (a prefill of 300 tokens and a 16k training row want different tiles),
-# but not for every distinct length: the launchers pass next_power_of_2(max_seqlen) as `seqlen_bucket`.
-_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "seqlen_bucket"]
+_INTERPRETER_BLOCKS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+
+
+def kernel_blocks(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launchers use for `kernel` ("fwd", "dkdv" or "dq")."""
+    if INTERPRET:
+        return _INTERPRETER_BLOCKS[kernel]
+    return _GPU_BLOCKS[kernel, 64 if head_dim <= 64 else 128, dtype.itemsize]
 
 
 @triton.jit
@@ -105,16 +91,33 @@ def _sequence_span(cu_seqlens, seq):
 
 
 @triton.jit
-def _head_base(ptr, seq_start, stride_t, head, stride_h):
-    """Scalar pointer to token 0 of one sequence in one head (int64: tokens x stride can pass 2^31)."""
-    return ptr + seq_start.to(tl.int64) * stride_t + head * stride_h
+def _tile(ptr, head, stride_h, first_row, stride_t, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pointers to the (BLOCK, HEAD_DIM) tile of token rows first_row.. of one head.
+
+    The row offset is int64 (a token index times the token stride passes 2^31 at 524k tokens of H*D = 4096);
+    within the tile, BLOCK x stride stays far below, and int32 offsets cost fewer registers."""
+    base = ptr + first_row.to(tl.int64) * stride_t + head * stride_h
+    return base + tl.arange(0, BLOCK)[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
 
 
 @triton.jit
-def _tile(base, positions, stride_t, HEAD_DIM: tl.constexpr):
-    """Pointers to the (len(positions), HEAD_DIM) tile of token rows `positions` below a _head_base pointer."""
-    # A scalar base plus int32 offsets, recomputed per block, costs far fewer registers than a tile of pointers.
-    return base + positions[:, None] * stride_t + tl.arange(0, HEAD_DIM)[None, :]
+def _load_tile(ptr, head, stride_h, seq_start, start, stride_t, length, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Rows start.. of a sequence beginning at token seq_start, as a (BLOCK, HEAD_DIM) tile; with MASKED, rows at or
+    past `length` read as zeros."""
+    ptrs = _tile(ptr, head, stride_h, seq_start + start, stride_t, BLOCK, HEAD_DIM)
+    if MASKED:
+        tile = tl.load(ptrs, mask=(start + tl.arange(0, BLOCK) < length)[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _first_block(BLOCK: tl.constexpr):
+    """Start of this program's first block along grid axis 0, launched last-first: under a causal mask the last
+    query blocks have the most keys, and starting the longest programs first leaves less idle time at the end."""
+    return (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK
 
 
 @triton.jit
@@ -132,88 +135,87 @@ def _key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _fwd_inner(acc, row_sum, row_max, q, k_base, v_base, stride_kt, stride_vt, rows, key_lo, key_hi,
-               seqlen_k, causal_offset, qk_scale,
+def _softmax_step(scores, row_max, row_sum, rows, cols, seqlen_k, causal_offset, qk_scale,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Online softmax over one (BLOCK_M, BLOCK_N) block of unscaled q.k: returns (p, correction, new row_max,
+    new row_sum), where correction rescales what was accumulated under the old max."""
+    if MASKED:
+        visible = cols[None, :] < seqlen_k
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+        scores = tl.where(visible, scores, float("-inf"))
+    # qk_scale > 0, so scaling commutes with the max; scaling inside the exponent then compiles to one
+    # fused multiply-add per score, and the exponent is in log2 units for exp2.
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+    p = tl.exp2(scores * qk_scale - new_max[:, None])
+    correction = tl.exp2(row_max - new_max)
+    return p, correction, new_max, row_sum * correction + tl.sum(p, 1)
+
+
+@triton.jit
+def _fwd_inner(acc, row_sum, row_max, q, K, V, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, k_start, rows,
+               key_lo, key_hi, seqlen_k, causal_offset, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax update of (acc, row_sum, row_max) over the key blocks in [key_lo, key_hi)."""
     for start_n in range(key_lo, key_hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = _tile(k_base, cols, stride_kt, HEAD_DIM)
-        v_ptrs = _tile(v_base, cols, stride_vt, HEAD_DIM)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)  # (BLOCK_N, D)
-        else:
-            k = tl.load(k_ptrs)
-        scores = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), unscaled q.k
-        if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
-            scores = tl.where(visible, scores, float("-inf"))
-        # qk_scale > 0, so scaling commutes with the max; scaling inside the exponent then compiles to one
-        # fused multiply-add per score, and the exponent is in log2 units for exp2.
-        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
-        p = tl.exp2(scores * qk_scale - new_max[:, None])
-        correction = tl.exp2(row_max - new_max)  # rescales what was summed under the old max
-        row_sum = row_sum * correction + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        k = _load_tile(K, kv_head, stride_kh, k_start, start_n, stride_kt, seqlen_k, MASKED, BLOCK_N, HEAD_DIM)
+        p, correction, row_max, row_sum = _softmax_step(tl.dot(q, tl.trans(k)), row_max, row_sum, rows, cols,
+                                                        seqlen_k, causal_offset, qk_scale, MASKED, CAUSAL)
+        v = _load_tile(V, kv_head, stride_vh, k_start, start_n, stride_vt, seqlen_k, MASKED, BLOCK_N, HEAD_DIM)
         # P goes into the tensor cores in the input precision; the accumulator stays fp32.
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None])
-        row_max = new_max
     return acc, row_sum, row_max
 
 
-@triton.autotune(key=_AUTOTUNE_KEY, **_FWD_AUTOTUNE)
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                     stride_lse_h, qk_scale, GROUP_SIZE, seqlen_bucket,
+                     stride_lse_h, qk_scale, GROUP_SIZE,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (sequence, query head); writes their output rows and lse.
+    """One program: query blocks of one (sequence, query head), grid-strided; writes their output rows and lse.
 
-    seqlen_bucket is not read here: it only feeds the autotune key (as in the two backward kernels)."""
-    # Blocks are launched last-first: under a causal mask the last query blocks have the most keys to visit,
-    # and starting the longest programs first leaves less idle time at the end of the grid.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    The grid covers max_seqlen_q rows, a number the caller may pass without reading cu_seqlens; the stride loop
+    still reaches every row of a longer sequence, so a wrong hint costs time, never unwritten rows. The loop runs
+    once otherwise, and disable_licm keeps the compiler from hoisting offset tiles out of it, where they would
+    stay live across the whole body and spill registers."""
     seq = tl.program_id(1)
     head = tl.program_id(2)
     q_start, seqlen_q = _sequence_span(cu_seqlens_q, seq)
-    if start_m >= seqlen_q:
-        return
     k_start, seqlen_k = _sequence_span(cu_seqlens_k, seq)
     kv_head = head // GROUP_SIZE
     causal_offset = seqlen_k - seqlen_q
+    for start_m in tl.range(_first_block(BLOCK_M), seqlen_q, tl.num_programs(0) * BLOCK_M, disable_licm=True):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < seqlen_q
+        q = _load_tile(Q, head, stride_qh, q_start, start_m, stride_qt, seqlen_q, True, BLOCK_M, HEAD_DIM)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # A finite floor instead of -inf: a row that has so far seen only masked keys then gets
+        # exp2(-inf - floor) = 0 rather than exp2(-inf + inf) = NaN.
+        row_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        full_end, masked_end = _key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+        acc, row_sum, row_max = _fwd_inner(acc, row_sum, row_max, q, K, V, kv_head, stride_kt, stride_kh,
+                                           stride_vt, stride_vh, k_start, rows, 0, full_end, seqlen_k,
+                                           causal_offset, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N)
+        acc, row_sum, row_max = _fwd_inner(acc, row_sum, row_max, q, K, V, kv_head, stride_kt, stride_kh,
+                                           stride_vt, stride_vh, k_start, rows, full_end, masked_end, seqlen_k,
+                                           causal_offset, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N)
+        _store_output(acc, row_sum, row_max, Out, Lse, head, stride_ot, stride_oh, stride_lse_h, q_start, start_m,
+                      rows, row_ok, HEAD_DIM, BLOCK_M)
 
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < seqlen_q
-    q_base = _head_base(Q, q_start, stride_qt, head, stride_qh)
-    q = tl.load(_tile(q_base, rows, stride_qt, HEAD_DIM), mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    k_base = _head_base(K, k_start, stride_kt, kv_head, stride_kh)
-    v_base = _head_base(V, k_start, stride_vt, kv_head, stride_vh)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # A finite floor instead of -inf: a row that has so far seen only masked keys then gets
-    # exp2(-inf - floor) = 0 rather than exp2(-inf + inf) = NaN.
-    row_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    full_end, masked_end = _key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, row_sum, row_max = _fwd_inner(acc, row_sum, row_max, q, k_base, v_base, stride_kt, stride_vt, rows,
-                                       0, full_end, seqlen_k, causal_offset, qk_scale,
-                                       False, CAUSAL, HEAD_DIM, BLOCK_N)
-    acc, row_sum, row_max = _fwd_inner(acc, row_sum, row_max, q, k_base, v_base, stride_kt, stride_vt, rows,
-                                       full_end, masked_end, seqlen_k, causal_offset, qk_scale,
-                                       True, CAUSAL, HEAD_DIM, BLOCK_N)
-
+@triton.jit
+def _store_output(acc, row_sum, row_max, Out, Lse, head, stride_ot, stride_oh, stride_lse_h, q_start, start_m, rows,
+                  row_ok, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Normalise and store one query block's output rows and their lse (log2 units)."""
     # A row with no visible key (empty key sequence) outputs zeros; lse = +inf makes its backward P zero too.
     empty_row = row_sum == 0.0
     out = acc / tl.where(empty_row, 1.0, row_sum)[:, None]
     lse = tl.where(empty_row, float("inf"), row_max + tl.log2(tl.where(empty_row, 1.0, row_sum)))
-    out_base = _head_base(Out, q_start, stride_ot, head, stride_oh)
-    tl.store(_tile(out_base, rows, stride_ot, HEAD_DIM), out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + head * stride_lse_h + q_start + rows, lse, mask=row_ok)
+    tl.store(_tile(Out, head, stride_oh, q_start + start_m, stride_ot, BLOCK_M, HEAD_DIM),
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + tl.cast(head, tl.int64) * stride_lse_h + q_start + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -222,30 +224,28 @@ def _attn_bwd_delta_kernel(Out, dOut, Delta, total_q, stride_ot, stride_oh, stri
     """delta = rowsum(dO * O): the term that softmax's Jacobian subtracts from every dP entry of a row."""
     start = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = start + rows < total_q
-    out = tl.load(_tile(_head_base(Out, start, stride_ot, head, stride_oh), rows, stride_ot, HEAD_DIM),
-                  mask=row_ok[:, None], other=0.0).to(tl.float32)
-    dout = tl.load(_tile(_head_base(dOut, start, stride_dot, head, stride_doh), rows, stride_dot, HEAD_DIM),
-                   mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + head * stride_delta_h + start + rows, tl.sum(out * dout, 1), mask=row_ok)
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < total_q
+    out = _load_tile(Out, head, stride_oh, 0, start, stride_ot, total_q, True, BLOCK_M, HEAD_DIM).to(tl.float32)
+    dout = _load_tile(dOut, head, stride_doh, 0, start, stride_dot, total_q, True, BLOCK_M, HEAD_DIM).to(tl.float32)
+    tl.store(Delta + tl.cast(head, tl.int64) * stride_delta_h + rows, tl.sum(out * dout, 1), mask=row_ok)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qt, stride_dot, cols, row_lo, row_hi,
-                seqlen_q, causal_offset, qk_scale,
+def _dkdv_inner(dk, dv, k, v, Q, dOut, head, stride_qt, stride_qh, stride_dot, stride_doh, q_start, lse_row,
+                delta_row, cols, row_lo, row_hi, seqlen_q, causal_offset, qk_scale,
                 MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks in [row_lo, row_hi), working in transposed form."""
     for start_m in range(row_lo, row_hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < seqlen_q
-        q = tl.load(_tile(q_base, rows, stride_qt, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+        q = _load_tile(Q, head, stride_qh, q_start, start_m, stride_qt, seqlen_q, True, BLOCK_M, HEAD_DIM)
         # Padding rows get lse = +inf, so their recomputed probabilities are exp2(-inf) = 0.
         lse = tl.load(lse_row + rows, mask=row_ok, other=float("inf"))
         p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M) = P^T
         if MASKED:
             p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
-        do = tl.load(_tile(do_base, rows, stride_dot, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+        do = _load_tile(dOut, head, stride_doh, q_start, start_m, stride_dot, seqlen_q, True, BLOCK_M, HEAD_DIM)
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         delta = tl.load(delta_row + rows, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M) = dP^T
@@ -254,74 +254,62 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qt, st
     return dk, dv
 
 
-@triton.autotune(key=_AUTOTUNE_KEY, **_DKDV_AUTOTUNE)
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                           stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h, stride_delta_h,
-                          qk_scale, softmax_scale, GROUP_SIZE, seqlen_bucket,
+                          qk_scale, softmax_scale, GROUP_SIZE,
                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_N keys of one (sequence, kv head); loops over every query head of the group."""
-    start_n = tl.program_id(0) * BLOCK_N
+    """One program: key blocks of one (sequence, kv head), grid-strided like the forward's query blocks; loops
+    over every query head of the group."""
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     k_start, seqlen_k = _sequence_span(cu_seqlens_k, seq)
-    if start_n >= seqlen_k:
-        return
     q_start, seqlen_q = _sequence_span(cu_seqlens_q, seq)
     causal_offset = seqlen_k - seqlen_q
-
-    cols = start_n + tl.arange(0, BLOCK_N)
-    col_ok = cols < seqlen_k
-    k = tl.load(_tile(_head_base(K, k_start, stride_kt, kv_head, stride_kh), cols, stride_kt, HEAD_DIM),
-                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
-    v = tl.load(_tile(_head_base(V, k_start, stride_vt, kv_head, stride_vh), cols, stride_vt, HEAD_DIM),
-                mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    if CAUSAL:
-        # Query i sees key j iff j <= i + causal_offset. Rows before the first that sees key start_n are skipped;
-        # from the first row that sees the block's last key on, no mask is needed.
-        row_lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
-        row_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
-        row_full = tl.minimum(row_full, seqlen_q)
-    else:
-        row_lo = 0
-        row_full = 0
-    for head in range(kv_head * GROUP_SIZE, (kv_head + 1) * GROUP_SIZE):
-        q_base = _head_base(Q, q_start, stride_qt, head, stride_qh)
-        do_base = _head_base(dOut, q_start, stride_dot, head, stride_doh)
-        lse_row = Lse + head * stride_lse_h + q_start
-        delta_row = Delta + head * stride_delta_h + q_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qt, stride_dot, cols,
-                             row_lo, row_full, seqlen_q, causal_offset, qk_scale, True, HEAD_DIM, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qt, stride_dot, cols,
-                             row_full, seqlen_q, seqlen_q, causal_offset, qk_scale, False, HEAD_DIM, BLOCK_M)
-
-    # Scores were q.k * scale, so the chain rule puts one factor of scale on dK (dV has none).
-    tl.store(_tile(_head_base(dK, k_start, stride_dkt, kv_head, stride_dkh), cols, stride_dkt, HEAD_DIM),
-             (dk * softmax_scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(_tile(_head_base(dV, k_start, stride_dvt, kv_head, stride_dvh), cols, stride_dvt, HEAD_DIM),
-             dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
+    # In order: under a causal mask the first key blocks are seen by the most queries, so they start first.
+    for start_n in tl.range(tl.program_id(0) * BLOCK_N, seqlen_k, tl.num_programs(0) * BLOCK_N, disable_licm=True):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < seqlen_k
+        k = _load_tile(K, kv_head, stride_kh, k_start, start_n, stride_kt, seqlen_k, True, BLOCK_N, HEAD_DIM)
+        v = _load_tile(V, kv_head, stride_vh, k_start, start_n, stride_vt, seqlen_k, True, BLOCK_N, HEAD_DIM)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        if CAUSAL:
+            # Query i sees key j iff j <= i + causal_offset. Rows before the first that sees key start_n are
+            # skipped; from the first row that sees the block's last key on, no mask is needed.
+            row_lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+            row_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0), BLOCK_M) * BLOCK_M
+            row_full = tl.minimum(row_full, seqlen_q)
+        else:
+            row_lo = 0
+            row_full = 0
+        for head in range(kv_head * GROUP_SIZE, (kv_head + 1) * GROUP_SIZE):
+            lse_row = Lse + tl.cast(head, tl.int64) * stride_lse_h + q_start
+            delta_row = Delta + tl.cast(head, tl.int64) * stride_delta_h + q_start
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q, dOut, head, stride_qt, stride_qh, stride_dot, stride_doh,
+                                 q_start, lse_row, delta_row, cols, row_lo, row_full, seqlen_q, causal_offset,
+                                 qk_scale, True, HEAD_DIM, BLOCK_M)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Q, dOut, head, stride_qt, stride_qh, stride_dot, stride_doh,
+                                 q_start, lse_row, delta_row, cols, row_full, seqlen_q, seqlen_q, causal_offset,
+                                 qk_scale, False, HEAD_DIM, BLOCK_M)
+        # Scores were q.k * scale, so the chain rule puts one factor of scale on dK (dV has none).
+        tl.store(_tile(dK, kv_head, stride_dkh, k_start + start_n, stride_dkt, BLOCK_N, HEAD_DIM),
+                 (dk * softmax_scale).to(dK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(_tile(dV, kv_head, stride_dvh, k_start + start_n, stride_dvt, BLOCK_N, HEAD_DIM),
+                 dv.to(dV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, key_lo, key_hi,
-              seqlen_k, causal_offset, qk_scale,
+def _dq_inner(dq, q, do, lse, delta, K, V, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, k_start, rows,
+              key_lo, key_hi, seqlen_k, causal_offset, qk_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks in [key_lo, key_hi)."""
     for start_n in range(key_lo, key_hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = _tile(k_base, cols, stride_kt, HEAD_DIM)
-        v_ptrs = _tile(v_base, cols, stride_vt, HEAD_DIM)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < seqlen_k, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_tile(K, kv_head, stride_kh, k_start, start_n, stride_kt, seqlen_k, MASKED, BLOCK_N, HEAD_DIM)
+        v = _load_tile(V, kv_head, stride_vh, k_start, start_n, stride_vt, seqlen_k, MASKED, BLOCK_N, HEAD_DIM)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             visible = cols[None, :] < seqlen_k
@@ -334,53 +322,50 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows,
     return dq
 
 
-@triton.autotune(key=_AUTOTUNE_KEY, **_DQ_AUTOTUNE)
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                         stride_dqt, stride_dqh, stride_lse_h, stride_delta_h, qk_scale, softmax_scale, GROUP_SIZE,
-                        seqlen_bucket,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (sequence, query head); visits keys exactly like the forward."""
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    """One program: query blocks of one (sequence, query head), grid-strided; visits keys like the forward."""
     seq = tl.program_id(1)
     head = tl.program_id(2)
     q_start, seqlen_q = _sequence_span(cu_seqlens_q, seq)
-    if start_m >= seqlen_q:
-        return
     k_start, seqlen_k = _sequence_span(cu_seqlens_k, seq)
     kv_head = head // GROUP_SIZE
     causal_offset = seqlen_k - seqlen_q
-
-    rows = start_m + tl.arange(0, BLOCK_M)
-    row_ok = rows < seqlen_q
-    q = tl.load(_tile(_head_base(Q, q_start, stride_qt, head, stride_qh), rows, stride_qt, HEAD_DIM),
-                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    do = tl.load(_tile(_head_base(dOut, q_start, stride_dot, head, stride_doh), rows, stride_dot, HEAD_DIM),
-                 mask=row_ok[:, None], other=0.0)
-    lse = tl.load(Lse + head * stride_lse_h + q_start + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + head * stride_delta_h + q_start + rows, mask=row_ok, other=0.0)
-    k_base = _head_base(K, k_start, stride_kt, kv_head, stride_kh)
-    v_base = _head_base(V, k_start, stride_vt, kv_head, stride_vh)
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    full_end, masked_end = _key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, 0, full_end,
-                   seqlen_k, causal_offset, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, full_end, masked_end,
-                   seqlen_k, causal_offset, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N)
-    tl.store(_tile(_head_base(dQ, q_start, stride_dqt, head, stride_dqh), rows, stride_dqt, HEAD_DIM),
-             (dq * softmax_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
+    for start_m in tl.range(_first_block(BLOCK_M), seqlen_q, tl.num_programs(0) * BLOCK_M, disable_licm=True):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < seqlen_q
+        q = _load_tile(Q, head, stride_qh, q_start, start_m, stride_qt, seqlen_q, True, BLOCK_M, HEAD_DIM)
+        do = _load_tile(dOut, head, stride_doh, q_start, start_m, stride_dot, seqlen_q, True, BLOCK_M, HEAD_DIM)
+        lse = tl.load(Lse + tl.cast(head, tl.int64) * stride_lse_h + q_start + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + tl.cast(head, tl.int64) * stride_delta_h + q_start + rows, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        full_end, masked_end = _key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, k_start,
+                       rows, 0, full_end, seqlen_k, causal_offset, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, kv_head, stride_kt, stride_kh, stride_vt, stride_vh, k_start,
+                       rows, full_end, masked_end, seqlen_k, causal_offset, qk_scale, True, CAUSAL, HEAD_DIM,
+                       BLOCK_N)
+        tl.store(_tile(dQ, head, stride_dqh, q_start + start_m, stride_dqt, BLOCK_M, HEAD_DIM),
+                 (dq * softmax_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _launch_grid(block_key, blocks_along, batch, heads):
-    """Grid callable for autotuned kernels: blocks along one sequence axis, then sequences, then heads."""
-    return lambda meta: (triton.cdiv(blocks_along, meta[block_key]), batch, heads)
+def _launch(kernel, name, blocks_along, batch, heads, head_dim, dtype, *args, **constexprs):
+    """Launch `kernel` with kernel_blocks(name, ...) over (blocks along one sequence axis, sequences, heads)."""
+    block_m, block_n, num_warps, num_stages = kernel_blocks(name, head_dim, dtype)
+    blocks = triton.cdiv(blocks_along, block_n if name == "dkdv" else block_m)
+    kernel[(blocks, batch, heads)](*args, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                                   num_warps=num_warps, num_stages=num_stages, **constexprs)
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal,
                             softmax_scale, out=None, lse=None):
-    """Run the forward kernel on varlen-packed inputs; returns (out (total_q, Hq, D), lse (Hq, total_q) fp32, log2)."""
+    """Run the forward kernel on varlen-packed inputs; returns (out (total_q, Hq, D), lse (Hq, total_q) fp32, log2).
+
+    max_seqlen_q only sizes the grid (too small costs time, see _attn_fwd_kernel); on sm_90 fp16/bf16 inputs take
+    the Hopper kernel (flash_attention_hopper.py)."""
     _check_kernel_inputs(q, k, v)
     total_q, num_heads, head_dim = q.shape
     batch = cu_seqlens_q.numel() - 1
@@ -392,11 +377,15 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     _check_buffer("lse", lse, (num_heads, total_q), torch.float32)
     if out.numel() == 0 or batch == 0:
         return out, lse
-    _attn_fwd_kernel[_launch_grid("BLOCK_M", max_seqlen_q, batch, num_heads)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), softmax_scale * LOG2_E, num_heads // k.shape[1], triton.next_power_of_2(max_seqlen_q),
-        HEAD_DIM=head_dim, CAUSAL=causal)
+    from kernels.flash_attention_hopper import hopper_forward, uses_hopper_forward  # it imports this module
+    if uses_hopper_forward(q, k, v):
+        hopper_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal=causal,
+                       qk_scale=softmax_scale * LOG2_E)
+        return out, lse
+    _launch(_attn_fwd_kernel, "fwd", max_seqlen_q, batch, num_heads, head_dim, q.dtype,
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0), softmax_scale * LOG2_E,
+            num_heads // k.shape[1], CAUSAL=causal)
     return out, lse
 
 
@@ -426,18 +415,17 @@ def flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k
             out, dout, delta, total_q, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
             delta.stride(0), HEAD_DIM=head_dim, BLOCK_M=delta_block)
     if dk.numel() > 0:
-        _attn_bwd_dkdv_kernel[_launch_grid("BLOCK_N", max_seqlen_k, batch, num_kv_heads)](
-            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
-            dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), delta.stride(0),
-            qk_scale, softmax_scale, group_size, triton.next_power_of_2(max_seqlen_k), HEAD_DIM=head_dim,
-            CAUSAL=causal)
+        _launch(_attn_bwd_dkdv_kernel, "dkdv", max_seqlen_k, batch, num_kv_heads, head_dim, q.dtype,
+                q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
+                dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+                delta.stride(0), qk_scale, softmax_scale, group_size, CAUSAL=causal)
     if dq.numel() > 0:
-        _attn_bwd_dq_kernel[_launch_grid("BLOCK_M", max_seqlen_q, batch, num_heads)](
-            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
-            dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), delta.stride(0), qk_scale, softmax_scale,
-            group_size, triton.next_power_of_2(max_seqlen_q), HEAD_DIM=head_dim, CAUSAL=causal)
+        _launch(_attn_bwd_dq_kernel, "dq", max_seqlen_q, batch, num_heads, head_dim, q.dtype,
+                q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
+                dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), delta.stride(0), qk_scale,
+                softmax_scale, group_size, CAUSAL=causal)
     return dq, dk, dv
 
 
@@ -468,8 +456,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """Attention with the Triton kernels (differentiable); dense (B, T, H, D) or varlen (total, H, D) + cu_seqlens.
 
     Off-GPU without TRITON_INTERPRET=1 it runs attention_reference. Passing max_seqlen_q/k for varlen input
-    skips reading cu_seqlens on the host (a GPU sync), and with it the checks of their values. fp32 inputs
-    (there for the interpreter) get Triton's default tf32 tensor-core dots on GPU, about 1e-3 relative error.
+    skips reading cu_seqlens on the host (a GPU sync), and with it the checks of their values; the hints only
+    size the grid (one too small costs time, not rows). fp32 inputs (there for the interpreter) get Triton's
+    default tf32 tensor-core dots on GPU, about 1e-3 relative error. On sm_90, fp16/bf16 take the Hopper forward.
     """
     varlen = _check_inputs(q, k, v, causal, cu_seqlens_q, cu_seqlens_k)
     softmax_scale = _softmax_scale(q.shape[-1], softmax_scale)

@@ -55,19 +55,53 @@ def _configs(gpu_configs):
 # N / BLOCK_N >= 128 programs at N = 4096 so every SM streams weights, and long BLOCK_K with 4-5 stages keeps
 # enough bytes in flight. Split-K would add programs for small N too, but LLM projections have N >= 4096, so
 # narrow tiles already fill an H100's 132 SMs without the cost of a second reduction pass.
+# The tiles over 64 accumulator registers per thread are for sm_90 only (configs_for_arch); 128x128 at 8 warps
+# is sm_80's large tile.
 _INT8_CONFIGS = _configs([(128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4),
-                          (128, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4), (64, 64, 256, 8, 4, 3),
-                          (32, 64, 256, 8, 4, 4), (16, 64, 256, 1, 4, 4), (16, 32, 256, 1, 4, 5),
-                          (16, 128, 128, 1, 4, 4)])
+                          (128, 128, 128, 8, 8, 3), (128, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4),
+                          (64, 64, 256, 8, 4, 3), (32, 64, 256, 8, 4, 4), (16, 64, 256, 1, 4, 4),
+                          (16, 32, 256, 1, 4, 5), (16, 128, 128, 1, 4, 4)])
 # W8A16 multiplies in fp16/bf16 (BLOCK_K = 64 is 128 bytes of activations per row); its weight tiles are int8.
-_W8A16_CONFIGS = _configs([(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-                           (64, 64, 128, 8, 4, 3), (32, 64, 128, 8, 4, 4), (16, 64, 128, 1, 4, 4),
-                           (16, 32, 256, 1, 4, 5), (16, 128, 128, 1, 4, 4)])
+_W8A16_CONFIGS = _configs([(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3),
+                           (64, 128, 64, 8, 4, 4), (64, 64, 128, 8, 4, 3), (32, 64, 128, 8, 4, 4),
+                           (16, 64, 128, 1, 4, 4), (16, 32, 256, 1, 4, 5), (16, 128, 128, 1, 4, 4)])
+# fp32 activations (three tf32 passes per product, see dot_dtype_and_precision) hold 4-byte tiles and the split
+# halves of each operand: shorter K steps. In full-fp32 FMA ("ieee"), every tile down to 16x32 spilled registers.
+_W8A16_FP32_CONFIGS = _configs([(128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 3), (16, 64, 64, 1, 4, 3),
+                                (16, 64, 128, 1, 4, 4)])
+_FP32_ONLY = {id(config) for config in _W8A16_FP32_CONFIGS}
+
+
+def configs_for_arch(configs: list, capability: int, dtype: torch.dtype = torch.bfloat16) -> list:
+    """The autotune candidates kept on a GPU of compute capability `capability` (80, 90) for `dtype` inputs.
+
+    sm_80's mma.sync holds operand fragments in registers beside the accumulator, so tiles over 64 accumulator
+    registers per thread (BLOCK_M x BLOCK_N / threads), which sm_90's wgmma (operands in shared memory) handles,
+    spill there (ptxas). fp32 activations take their own list."""
+    fp32 = dtype == torch.float32 and any(id(config) in _FP32_ONLY for config in configs)
+    kept = [config for config in configs if (id(config) in _FP32_ONLY) == fp32]
+    if capability < 90 and not INTERPRET:
+        kept = [config for config in kept
+                if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] <= 64 * 32 * config.num_warps]
+    return kept
+
+
+def _prune_for_this_gpu(configs, named_args, **kwargs):
+    """early_config_prune: configs_for_arch for the GPU and dtype of the first argument (A or X)."""
+    first = next(iter(named_args.values()))
+    major, minor = torch.cuda.get_device_capability(first.device) if first.is_cuda else (9, 0)
+    return configs_for_arch(configs, 10 * major + minor, first.dtype)
+
+
+_PRUNE = {"early_config_prune": _prune_for_this_gpu}
 
 
 @triton.jit
 def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's row and column indices, in grouped order, wrapped into range (see module docstring)."""
+    """This program's row and column indices, in grouped order, wrapped into range (see module docstring).
+
+    All int64: row x stride products pass 2^31 once M x N or M x K does (an int8 LM head with a 128k vocabulary
+    writes a (M, 131072) output, so from M = 16384 tokens on)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -76,13 +110,15 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)  # the last group may be short
     tile_m = first_m + (pid % programs_per_group) % group_rows
     tile_n = (pid % programs_per_group) // group_rows
-    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     return rows, cols, rows % M, cols % N
 
 
-# Only the autotuner reads M_BUCKET: keying on the exact M would re-tune for every decode batch size.
-@triton.autotune(configs=_INT8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_SCALES"])
+# The autotune key, decided: N and K are fixed per projection, and M enters only as a bucket (only the autotuner
+# reads M_BUCKET), so a model tunes once per projection shape and bucket, not at every new batch size. Serving
+# meets new buckets as its batch grows; decode's many sizes up to 16 rows share one (see _m_bucket).
+@triton.autotune(configs=_INT8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_SCALES"], prune_configs_by=_PRUNE)
 @triton.jit
 def _int8_matmul_kernel(A, B, C, AScale, BScale, M, N, K, M_BUCKET,
                         stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
@@ -112,10 +148,11 @@ def _int8_matmul_kernel(A, B, C, AScale, BScale, M, N, K, M_BUCKET,
              mask=store_mask)
 
 
-@triton.autotune(configs=_W8A16_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"])
+@triton.autotune(configs=_W8A16_CONFIGS + _W8A16_FP32_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _w8a16_matmul_kernel(X, W, WScale, Bias, C, M, N, K, M_BUCKET,
-                         stride_xm, stride_xk, stride_wn, stride_wk, stride_cm, stride_cn,
+                         stride_xm, stride_xk, stride_wn, stride_wk, stride_cm, stride_cn, stride_bias,
                          HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C = (X @ W^T) * w_scale[None, :] (+ bias), with W read as int8 and widened in registers."""
@@ -133,7 +170,7 @@ def _w8a16_matmul_kernel(X, W, WScale, Bias, C, M, N, K, M_BUCKET,
         w_ptrs += BLOCK_K * stride_wk
     result = acc * tl.load(WScale + cols_in)[None, :]
     if HAS_BIAS:
-        result += tl.load(Bias + cols_in).to(tl.float32)[None, :]
+        result += tl.load(Bias + cols_in * stride_bias).to(tl.float32)[None, :]
     store_mask = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, result.to(C.dtype.element_ty),
              mask=store_mask)
@@ -142,18 +179,22 @@ def _w8a16_matmul_kernel(X, W, WScale, Bias, C, M, N, K, M_BUCKET,
 def dot_dtype_and_precision(dtype: torch.dtype):
     """The dtype tiles are multiplied in, and tl.dot's input_precision, for activations of `dtype`.
 
-    fp32 multiplies in full fp32 ("ieee") rather than Triton's default tf32 (10-bit mantissa), so fp32 results
-    match the reference to fp32 rounding; fp16/bf16 are unaffected. The interpreter's tl.dot reads bf16 as raw
-    integer bits, so there bf16 tiles are widened to fp32 first.
+    fp32 multiplies in three tf32 passes ("tf32x3": each operand split into a tf32 head and tail, products
+    accurate to about 2^-21) rather than Triton's default single tf32 pass (10-bit mantissa): fp32 results match
+    the reference to a few fp32 ulps while staying on the tensor cores; full-fp32 FMA dots ("ieee") spill
+    registers on every useful tile (tests/test_kernels_compile.py). The interpreter computes in numpy fp32
+    ("ieee"), and its tl.dot reads bf16 as raw integer bits, so there bf16 tiles are widened to fp32 first.
     """
-    if dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16):
+    if INTERPRET and dtype in (torch.float32, torch.bfloat16):
         return tl.float32, "ieee"
+    if dtype == torch.float32:
+        return tl.float32, "tf32x3"
     return _TRITON_DTYPES[dtype], "tf32"
 
 
 def _m_bucket(m: int) -> int:
-    """Power-of-two bucket of M for the autotune key: decode sizes 1..16 share few tunings."""
-    return 1 << max(m - 1, 0).bit_length()
+    """Power-of-two bucket of M for the autotune key; every M up to 16 fits one 16-row tile, so they share one."""
+    return max(16, 1 << max(m - 1, 0).bit_length())
 
 
 def int8_matmul(a, b, a_scale=None, b_scale=None, *, out_dtype=torch.int32):
@@ -207,7 +248,8 @@ def int8_weight_only_matmul(x, w_int8, w_scale, *, bias=None):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _w8a16_matmul_kernel[grid](x, w_int8, w_scale, out if bias is None else bias, out, M, N, K, _m_bucket(M),
                                x.stride(0), x.stride(1), w_int8.stride(0), w_int8.stride(1),
-                               out.stride(0), out.stride(1), HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
+                               out.stride(0), out.stride(1), 0 if bias is None else bias.stride(0),
+                               HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
                                DOT_PRECISION=dot_precision)
     return out
 

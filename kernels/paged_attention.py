@@ -54,21 +54,26 @@ class SplitPolicy:
     max_splits: int = 32
 
 
-def _configs():
-    """Autotune candidates on GPU; one fixed small config under the interpreter, where timing means nothing."""
+# Tiles by rule, not by autotuning: decode streams K/V and is bound by memory bandwidth, so what matters is enough
+# loads in flight per program, not the exact tile, and an autotuner keyed without the context length (which is
+# on the GPU: reading it would cost a sync) would keep whatever suited the first decode step's short contexts,
+# while one keyed with a length bucket would pause serving to benchmark at every new bucket. Each tile is a
+# gather of BLOCK_N rows of head_dim contiguous elements (256 bytes at D=128 in bf16): 64 rows with 3 stages keep
+# the next tiles' gathers in flight during this tile's math, and 4 warps leave room for more programs per SM.
+# fp32 rows are twice as wide: at D >= 128, 64-row tiles spill registers, 32-row tiles with 8 warps do not
+# (tests/test_kernels_compile.py checks every choice for sm_80 and sm_90).
+def kernel_config(head_dim_pad: int, dtype: torch.dtype) -> dict:
+    """BLOCK_N, num_warps and num_stages of the decode kernel for a padded head dim and the cache dtype."""
     if INTERPRET:
         # Tiles of 16 tokens with the tests' block sizes of 1..16 make tiles straddle several blocks.
-        return [triton.Config({"BLOCK_N": 16})]
-    # Each tile is a gather of BLOCK_N rows of head_dim contiguous elements (256 bytes at D=128 in bf16).
-    # 64-128 rows per tile give enough independent loads in flight per program; 2-3 stages overlap the next
-    # tile's gather with this tile's math. Compute is tiny, so 4 warps suffice and leave room for more programs.
-    return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-            for block_n, warps, stages in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3))]
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32 and head_dim_pad >= 128:
+        return dict(BLOCK_N=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP_SIZE", "KV_BLOCK_SIZE", "SPLIT"])
 @triton.jit
-def _paged_decode_kernel(Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse,
+def _paged_decode_kernel(Q, KCache, VCache, BlockTables, ContextLens, Out, PartialOut, PartialLse, stride_lens,
                          stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                          stride_table_s, stride_table_b, stride_os, stride_oh,
                          stride_part_s, stride_part_h, stride_part_split, stride_lse_s, stride_lse_h, qk_scale,
@@ -79,7 +84,7 @@ def _paged_decode_kernel(Q, KCache, VCache, BlockTables, ContextLens, Out, Parti
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    context_len = tl.load(ContextLens + seq)
+    context_len = tl.load(ContextLens + seq * stride_lens)
     # Each sequence divides its own context evenly (in whole tiles), so short and long sequences in one batch
     # both spread over all splits; a short sequence may leave trailing splits empty.
     tokens_per_split = tl.cdiv(tl.cdiv(context_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
@@ -150,11 +155,15 @@ def _merge_splits_kernel(PartialOut, PartialLse, Out, num_splits,
     dim_ok = offs_d < HEAD_DIM
     lse = tl.load(PartialLse + seq * stride_lse_s + head * stride_lse_h + splits,
                   mask=split_ok, other=float("-inf"))  # (SPLITS_PAD,)
-    # Split 0 always holds the first token, so the max is finite and empty splits get weight exactly 0.
-    weights = tl.exp2(lse - tl.max(lse, 0))
+    # An empty split (lse = -inf) gets weight exp2(-inf) = 0. Split 0 holds the first token, so the max is finite
+    # unless the sequence has no tokens at all (context length 0, a padding slot): then subtracting 0 instead of
+    # -inf keeps every weight 0 (not NaN), and out is 0.
+    max_lse = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(max_lse > float("-inf"), max_lse, 0.0))
     partial = tl.load(PartialOut + seq * stride_part_s + head * stride_part_h + splits[:, None] * stride_part_split
                       + offs_d[None, :], mask=split_ok[:, None] & dim_ok[None, :], other=0.0)  # (SPLITS_PAD, D_PAD)
-    out = tl.sum(weights[:, None] * partial, 0) / tl.sum(weights, 0)
+    total = tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * partial, 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(Out + seq * stride_os + head * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=dim_ok)
 
 
@@ -185,8 +194,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
 
     num_splits=None picks a split count from the batch and the block table's capacity (known on the host, so no
     GPU sync; pass num_splits yourself if tables are much wider than the longest context). `out`, if given,
-    receives the result (for preallocated buffers). Off-GPU without TRITON_INTERPRET=1 this runs
-    paged_decode_attention_reference.
+    receives the result (for preallocated buffers). A context length of 0 (a padding slot) gives zeros.
+    Off-GPU without TRITON_INTERPRET=1 this runs paged_decode_attention_reference.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
@@ -220,14 +229,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse, context_lens.stride(0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), block_tables.stride(1),
         out.stride(0), out.stride(1), partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_lse.stride(0), partial_lse.stride(1), softmax_scale * LOG2_E,
         GROUP_SIZE=group_size, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         QUERY_ROWS=_next_power_of_2(group_size, 16), KV_BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
-        DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision)
+        DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision, **kernel_config(head_dim_pad, q.dtype))
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
             partial_out, partial_lse, out, num_splits, partial_out.stride(0), partial_out.stride(1),
@@ -255,14 +264,31 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
     grouped_q = q.to(math_dtype).view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("skgd,stkd->skgt", grouped_q, keys) * softmax_scale  # (num_seqs, n_kv, group, ctx)
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = torch.einsum("skgt,stkd->skgd", torch.softmax(scores, dim=-1), values)
+    # A context of length 0 has every score -inf, whose softmax is NaN: its weights are zeros instead.
+    weights = torch.softmax(scores, dim=-1).masked_fill(~visible.any(1)[:, None, None, None], 0.0)
+    out = torch.einsum("skgt,stkd->skgd", weights, values)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
-def write_kv(k_cache, v_cache, k, v, slot_mapping):
+@triton.jit
+def _write_kv_kernel(K, V, KCache, VCache, SlotMapping, stride_k, stride_v,
+                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+    """One program per token: copy its k and v rows (n_kv_head * head_dim values) to its slot, unless it is -1."""
+    token = tl.program_id(0)
+    slot = tl.load(SlotMapping + token).to(tl.int64)  # slot * ROW passes 2^31 in a pool of a few GiB
+    if slot >= 0:
+        cols = tl.arange(0, ROW_PAD)
+        mask = cols < ROW
+        tl.store(KCache + slot * ROW + cols, tl.load(K + token * stride_k + cols, mask=mask), mask=mask)
+        tl.store(VCache + slot * ROW + cols, tl.load(V + token * stride_v + cols, mask=mask), mask=mask)
+
+
+def write_kv(k_cache, v_cache, k, v, slot_mapping, *, use_kernel: bool | None = None):
     """Store k, v (num_tokens, n_kv_head, head_dim) at slots block_id * block_size + offset; slot -1 is skipped.
 
-    Slots must be distinct. Selecting the kept slots syncs with the GPU, so this is not for graph capture.
+    Slots must be distinct. The kernel (default: on CUDA) skips -1 slots itself, so it never waits for the GPU
+    and CUDA graphs can capture it (padded decode rows use slot -1). The torch path selects the kept slots first:
+    on a GPU that would be a host sync, on the CPU it is the cheaper path.
     """
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(cache, torch.Tensor) or cache.dim() != 4 or not cache.is_contiguous():
@@ -279,10 +305,17 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} {slot_mapping.dtype}, v {tuple(v.shape)}: need "
                          f"one integer slot per token of k ({num_tokens})")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if not slot_mapping.is_cuda and num_tokens:  # on GPU this check would cost a sync; index_copy_ checks there
+    if not slot_mapping.is_cuda and num_tokens:  # on GPU this check would cost a sync
         lowest, highest = int(slot_mapping.min()), int(slot_mapping.max())
         if lowest < -1 or highest >= num_slots:
             raise ValueError(f"slot_mapping values must lie in [-1, {num_slots}), got {lowest}..{highest}")
+    if k.is_cuda if use_kernel is None else use_kernel:
+        if num_tokens:
+            row = k_cache.shape[2] * k_cache.shape[3]
+            k, v = (x if x[0].is_contiguous() else x.contiguous() for x in (k, v))  # each token's row in one piece
+            _write_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                            ROW=row, ROW_PAD=triton.next_power_of_2(row))
+        return
     kept = (slot_mapping >= 0).nonzero().squeeze(1)  # (num_kept,)
     slots = slot_mapping[kept].long()
     k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, k[kept])
@@ -319,13 +352,13 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens):
 
 
 def _check_context_values(block_tables, context_lens, num_blocks, block_size):
-    """Every context length in [1, table capacity], every block id it uses in [0, num_blocks)."""
+    """Every context length in [0, table capacity], every block id it uses in [0, num_blocks)."""
     capacity = block_tables.shape[1] * block_size
     lengths = context_lens.long()
-    bad_length = (lengths < 1) | (lengths > capacity)
+    bad_length = (lengths < 0) | (lengths > capacity)
     if bad_length.any():
         seq = int(bad_length.nonzero()[0])
-        raise ValueError(f"context_lens[{seq}] = {int(lengths[seq])}: need 1 <= length <= {capacity} "
+        raise ValueError(f"context_lens[{seq}] = {int(lengths[seq])}: need 0 <= length <= {capacity} "
                          f"(block table width {block_tables.shape[1]} x block_size {block_size})")
     blocks_used = -(-lengths // block_size)  # (num_seqs,)
     used = torch.arange(block_tables.shape[1], device=lengths.device)[None, :] < blocks_used[:, None]

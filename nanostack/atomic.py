@@ -5,11 +5,21 @@ over the final name (atomic on POSIX within one filesystem), then fsync the dire
 survives a crash. A run killed at any instant leaves either the old file or the new one, never half of one.
 """
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (checkpoint manifests, downloads, token shards)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path) -> None:

@@ -21,15 +21,27 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
-# nanostack's own format: <|bos|>, then per message its role marker, the content and <|end|>.
+# nanostack's own format: <|bos|>, then per message its role marker, the content and <|end|>. With tools, a
+# system turn lists them first (one JSON per line, after the system message's own content); an assistant's calls
+# follow its content as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, and a tool's result is a user
+# turn <tool_response>...</tool_response>. The tags are plain text: the vocabulary has no tokens for them.
 NANOSTACK_CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] ~ '\n\n' }}{% endif %}"
+    "{{ 'Tools: call one as <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>' }}"
+    "{% for tool in tools %}{{ '\n' ~ tool | tojson }}{% endfor %}{{ '<|end|>' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('messages[' ~ loop.index0 ~ '] has role ' ~ message['role'] ~ "
-    "'; expected system, user or assistant') }}"
-    "{% endif %}"
-    "{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ '<|end|>' }}"
+    "'; expected system, user, assistant or tool') }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|user|><tool_response>' ~ message['content'] ~ '</tool_response><|end|>' }}"
+    "{% elif not (tools and loop.first and message['role'] == 'system') %}"
+    "{{ '<|' ~ message['role'] ~ '|>' ~ message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>' ~ {'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson ~ '</tool_call>' }}{% endfor %}"
+    "{{ '<|end|>' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanostack import hf_tokenizer
-from nanostack.atomic import atomic_dir, fsync_dir, write_json
+from nanostack.atomic import atomic_dir, file_sha256, fsync_dir, write_json
 from nanostack.model import GPT, ModelConfig
 from nanostack.tokenizer import Tokenizer
 
@@ -118,17 +118,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
     """Record the size and hash of every file, so loading can refuse a truncated or altered checkpoint."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
     write_json(directory / MANIFEST, {"format": FORMAT, "files": files})
 
@@ -152,7 +144,7 @@ def verify_manifest(directory: Path, names=None) -> None:
             raise CheckpointError(f"{file} is missing (listed in {MANIFEST})")
         if file.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"{file} has {file.stat().st_size} bytes, expected {entry['bytes']}: truncated?")
-        if _sha256(file) != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             raise CheckpointError(f"{file} does not match its sha256 in {MANIFEST}: the file was altered")
 
 
@@ -297,7 +289,7 @@ def load_checkpoint(path, device="cpu", *, dtype: torch.dtype | None = None, ver
                                         *hf_tokenizer.CONFIG_FILES})
         if raw.get("quantization"):
             quantization = raw["quantization"]
-            raise CheckpointError(f"{directory} holds an int8-quantized model (mode {quantization.get('mode')}): serve "
+            raise CheckpointError(f"{directory} holds a quantized model (mode {quantization.get('mode')}): serve "
                                   f"it (python serve.py --model {directory}) but train or fine-tune its full-precision "
                                   f"source instead ({quantization.get('source')})")
         if not (directory / "model.safetensors").exists():
@@ -321,7 +313,7 @@ def weights_sha256(path) -> str:
     directory = resolve_checkpoint(path)
     if (directory / MANIFEST).exists():
         return read_json(directory / MANIFEST)["files"]["model.safetensors"]["sha256"]
-    digests = "".join(_sha256(file) for file in sorted(directory.glob("*.safetensors")))
+    digests = "".join(file_sha256(file) for file in sorted(directory.glob("*.safetensors")))
     return hashlib.sha256(digests.encode()).hexdigest()
 
 

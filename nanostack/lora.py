@@ -17,6 +17,10 @@ projections can be targets too; the MoE experts' stacked weights cannot.
 
 In a training run (finetune.py) the loop's checkpoints hold this unmerged state dict plus the adapters'
 optimizer moments, which is what an exact resume needs; the merged model is written beside them for serving.
+
+QLoRA (Dettmers et al. 2023): the frozen base may be a 4-bit quant4.NF4Linear instead of an nn.Linear. It is
+kept as the `base` submodule and dequantized on each call; merging dequantizes it first (`dequantize_bases`, which
+also turns the base's unadapted NF4 layers back into nn.Linear), so the merged model is a plain full-precision one.
 """
 import json
 import math
@@ -29,6 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from nanostack import checkpoint
 from nanostack.atomic import atomic_dir
+from nanostack.quant import _set_module
+from nanostack.quant4 import NF4Linear
 
 ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
 MLP_PROJECTIONS = ("w_gate", "w_up", "w_down")
@@ -41,26 +47,31 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear weight plus a trainable low-rank update (alpha / rank) * B A."""
+    """A frozen nn.Linear weight (or frozen NF4Linear, QLoRA) plus a trainable low-rank update (alpha / rank) * B A."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
         self.scale = alpha / rank
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: state-dict keys stay `weight`, `bias`
-        self.requires_grad_(False)
+        if isinstance(base, NF4Linear):
+            self.base, self.bias = base, None  # QLoRA: dequantized on each call (bias included), never kept whole
+            device, dtype = base.weight_packed.device, base.dtype
+        else:
+            self.base = None
+            self.weight, self.bias = base.weight, base.bias  # the same Parameters: state-dict keys stay `weight`, `bias`
+            self.requires_grad_(False)
+            device, dtype = base.weight.device, base.weight.dtype
         # Kaiming-uniform A, as nn.Linear initialises its weight, gives the update a sensible scale once B moves.
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=base.weight.device,
-                                               dtype=base.weight.dtype))
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device,
-                                               dtype=base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
         update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)  # (..., out) through (..., rank)
-        return F.linear(x, self.weight, self.bias) + self.scale * update
+        frozen = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
+        return frozen + self.scale * update
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
@@ -95,7 +106,7 @@ def apply_lora(model: nn.Module, targets="qv", rank: int = 8, alpha: float = 16.
         for parent in (layer.attn, layer.mlp):
             for name in targets:
                 base = getattr(parent, name, None)
-                if isinstance(base, nn.Linear):
+                if isinstance(base, (nn.Linear, NF4Linear)):
                     setattr(parent, name, LoRALinear(base, rank, alpha, dropout))
                     wrapped += 1
     if "lm_head" in targets:
@@ -139,11 +150,26 @@ def merge_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, 
 
 
 @torch.no_grad()
+def dequantize_bases(model: nn.Module) -> None:
+    """QLoRA's 4-bit base back in full precision, in place: every adapter's NF4 base becomes its plain frozen
+    `weight`, every other NF4Linear an nn.Linear."""
+    for module in lora_modules(model).values():
+        if module.base is not None:
+            linear = module.base.to_linear()
+            module.weight, module.bias, module.base = linear.weight, linear.bias, None
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            _set_module(model, name, module.to_linear())
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight (W += (alpha / rank) B A), remove the adapters, unfreeze the model."""
+    """Fold every adapter into its weight (W += (alpha / rank) B A; a 4-bit base is dequantized first), remove the
+    adapters, unfreeze the model."""
     modules = lora_modules(model)
     if not modules:
         return model
+    dequantize_bases(model)
     settings = lora_config(model)
     merged = merge_state_dict(model.state_dict(), settings["alpha"] / settings["rank"])
     for name, module in modules.items():

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanostack.rope import apply_rope, rope_cos_sin, rope_frequencies
 from nanostack.sampling import SamplingParams, sample
 
 # Turn off to force the torch SDPA path on CUDA too (debugging, or comparing against the kernel).
@@ -124,71 +125,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-# rope_type -> (the keys its rope_scaling dict needs, the optional ones with defaults), named as Hugging Face does.
-ROPE_SCALINGS = {
-    "linear": (("factor",), {}),
-    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), {}),
-    "yarn": (("factor", "original_max_position_embeddings"),
-             {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "truncate": True}),
-}
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
-    """The (head_dim / 2,) float64 rotation speeds of RoPE, scaled as `scaling` says, and the factor YaRN puts on
-    cos/sin (1 otherwise). Raises a ValueError naming what is wrong with `scaling`."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if scaling is None:
-        return inv_freq, 1.0
-    kind = scaling.get("rope_type")
-    if kind not in ROPE_SCALINGS:
-        raise ValueError(f"rope_scaling rope_type {kind!r} is not supported; expected one of {sorted(ROPE_SCALINGS)}")
-    required, optional = ROPE_SCALINGS[kind]
-    if any(scaling.get(key) is None for key in required) or set(scaling) - {"rope_type", *required, *optional}:
-        raise ValueError(f"rope_scaling {scaling}: rope_type {kind!r} needs {list(required)} and may have "
-                         f"{list(optional)}, nothing else")
-    settings = {**optional, **{key: value for key, value in scaling.items() if value is not None}}
-    factor = settings["factor"]
-    if kind == "linear":  # position interpolation (Chen et al. 2023): every position divided by factor
-        return inv_freq / factor, 1.0
-    original = settings["original_max_position_embeddings"]  # the context the model was pretrained on
-    if kind == "llama3":
-        # Llama 3.1: rotations slower than `low_freq_factor` turns over the original context are interpolated by
-        # factor, faster than `high_freq_factor` turns kept as they are, and a linear blend in between.
-        low, high = settings["low_freq_factor"], settings["high_freq_factor"]
-        keep = ((original * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
-        return keep * inv_freq + (1 - keep) * inv_freq / factor, 1.0
-    # YaRN (Peng et al. 2023): the same blend, by dimension: dims turning more than beta_fast times over the
-    # original context are kept, fewer than beta_slow interpolated; cos/sin grow by the attention factor.
-    def dim_turning(turns):
-        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
-    low, high = dim_turning(settings["beta_fast"]), dim_turning(settings["beta_slow"])
-    if settings["truncate"]:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
-    interpolate = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / ((high - low) or 1e-3)).clamp(0, 1)
-    attention_factor = settings["attention_factor"] or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
-    return (1 - interpolate) * inv_freq + interpolate * inv_freq / factor, attention_factor
-
-
-def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, dtype=torch.float32, device=None,
-                 scaling: dict | None = None):
-    """cos/sin tables, each (max_seq_len, head_dim), for positions 0..max_seq_len-1 in rotate_half layout."""
-    # Built in float64 so the angles at large positions are exact before rounding to `dtype`.
-    inv_freq, scale = rope_frequencies(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (max_seq_len, head_dim / 2)
-    cos, sin = (scale * angles.cos()).to(dtype), (scale * angles.sin()).to(dtype)
-    # (max_seq_len, head_dim): dims i and i + hd/2 share an angle
-    return torch.cat((cos, cos), dim=-1).to(device), torch.cat((sin, sin), dim=-1).to(device)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + hd/2) of x (..., n_heads, hd) by the angles in cos/sin (..., hd) at its positions."""
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
-    first, second = x.chunk(2, dim=-1)
-    rotated_half = torch.cat((-second, first), dim=-1)
-    return x * cos + rotated_half * sin
-
-
 def attention(q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0) -> torch.Tensor:
     """Softmax attention: q (B, T, n_head, hd), k/v (B, S, n_kv_head, hd) -> (B, T, n_head, hd).
 
@@ -206,7 +142,8 @@ def attention(q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0) ->
         raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must be (batch, key length) = {(batch, k_len)}")
     if window and not causal:
         raise ValueError(f"a sliding window ({window}) needs causal attention")
-    window = window if k_len > window else 0  # a window as long as every key masks nothing
+    # A window as long as every key masks nothing; an export keeps it, as its key length is not fixed yet.
+    window = window if torch.compiler.is_exporting() or k_len > window else 0
     # The Triton kernel has no document or window masks: those fall back to SDPA with an explicit mask.
     if USE_FLASH_KERNEL and q.is_cuda and doc_ids is None and not window:
         from kernels.flash_attention import flash_attention  # Triton: imported only where it can run
@@ -404,11 +341,30 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_expert, hidden, n_embd))
         self.w_down = nn.Parameter(torch.empty(n_expert, n_embd, hidden))
 
-    def forward(self, x_sorted, tokens_per_expert: list[int]):
-        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd)."""
-        chunks = x_sorted.split(tokens_per_expert)
-        return torch.cat([swiglu(chunk, self.w_gate[e], self.w_up[e], self.w_down[e])
-                          for e, chunk in enumerate(chunks)])
+    def forward(self, x_sorted, tokens_per_expert: torch.Tensor):
+        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd).
+
+        For inference, torch._grouped_mm runs each weight's n_expert matmuls in one call that reads the group
+        offsets on the device (with bf16 on Hopper, a CUTLASS grouped GEMM: no host sync, so CUDA graphs can
+        capture it). Otherwise (training: its backward is not supported everywhere; autocast; an older torch;
+        rows not 16-byte aligned) each expert runs on its slice, whose size is read back to the host."""
+        w_gate, w_up, w_down = self.w_gate, self.w_up, self.w_down
+        if _grouped_mm_applies(x_sorted, w_gate, w_down):
+            offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (n_expert,) end row of each expert's group
+            gate = torch._grouped_mm(x_sorted, w_gate.transpose(1, 2), offs=offsets)  # (N*k, hidden)
+            up = torch._grouped_mm(x_sorted, w_up.transpose(1, 2), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offsets)
+        chunks = x_sorted.split(tokens_per_expert.tolist())
+        return torch.cat([swiglu(chunk, w_gate[e], w_up[e], w_down[e]) for e, chunk in enumerate(chunks)])
+
+
+def _grouped_mm_applies(x, w_in, w_out) -> bool:
+    """Whether Experts can use torch._grouped_mm: inference outside autocast, one 16/32-bit float dtype,
+    16-byte-aligned rows."""
+    aligned = all(w.shape[-1] * w.element_size() % 16 == 0 for w in (w_in, w_out))
+    return (hasattr(torch, "_grouped_mm") and not torch.is_grad_enabled() and x.dtype == w_in.dtype
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not torch.is_autocast_enabled(x.device.type) and aligned)
 
 
 class MoE(nn.Module):
@@ -424,8 +380,9 @@ class MoE(nn.Module):
         self.aux_loss = None     # scalar, set by forward: weighted balance + z loss
         self.expert_load = None  # (n_expert,), set by forward: share of routed (token, slot) pairs per expert
 
-    def forward(self, x):
-        x_flat = x.reshape(-1, x.shape[-1])  # (N, n_embd)
+    def route(self, x_flat):
+        """x_flat (N, n_embd) -> router logits and probabilities (N, n_expert) in fp32 (or wider), and each
+        token's top-k gates and experts (N, k). Separate from the dispatch so the ONNX export routes the same way."""
         router_logits = self.router(x_flat)  # (N, n_expert)
         router_logits = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
         router_probs = router_logits.softmax(dim=-1)
@@ -433,14 +390,21 @@ class MoE(nn.Module):
         gates, chosen = router_probs.topk(self.n_active, dim=-1)  # (N, k) each
         if self.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
+        return router_logits, router_probs, gates, chosen
+
+    def forward(self, x):
+        x_flat = x.reshape(-1, x.shape[-1])  # (N, n_embd)
+        router_logits, router_probs, gates, chosen = self.route(x_flat)
 
         # Dropless dispatch: sort the N*k (token, slot) assignments by expert so each expert runs one matmul
         # on a contiguous slice, then scatter-add the gated outputs back to their tokens.
         expert_of_slot = chosen.flatten()  # (N*k,)
         order = expert_of_slot.argsort(stable=True)
         token_of_sorted = order // self.n_active  # (N*k,) row in x_flat of each sorted assignment
-        tokens_per_expert = torch.bincount(expert_of_slot, minlength=self.n_expert)
-        expert_out = self.experts(x_flat[token_of_sorted], tokens_per_expert.tolist())  # (N*k, n_embd)
+        # Counted on the device: bincount would read the largest id back to the host to size its output.
+        expert_ids = torch.arange(self.n_expert, device=x.device)
+        tokens_per_expert = (expert_of_slot[:, None] == expert_ids).sum(dim=0)  # (n_expert,)
+        expert_out = self.experts(x_flat[token_of_sorted], tokens_per_expert)  # (N*k, n_embd)
         expert_out = expert_out * gates.flatten()[order, None].to(expert_out.dtype)
         # expert_out's dtype, not x's: under autocast the experts run in bf16 while x is still fp32.
         y = torch.zeros_like(x_flat, dtype=expert_out.dtype).index_add_(0, token_of_sorted, expert_out)
@@ -519,9 +483,10 @@ class GPT(nn.Module):
             else:
                 param.normal_(0.0, 0.02)
 
-    def forward(self, idx, targets=None, *, doc_ids=None, kv_cache=None):
+    def forward(self, idx, targets=None, *, doc_ids=None, kv_cache=None, final_hidden=False):
         """idx (B, T) -> logits (B, T, vocab) in fp32 (or wider), or, given targets, the mean cross-entropy
-        over targets != -1 plus the MoE auxiliary loss. doc_ids (B, T) packs documents; kv_cache decodes."""
+        over targets != -1 plus the MoE auxiliary loss. doc_ids (B, T) packs documents; kv_cache decodes;
+        final_hidden returns the normed last hidden states (B, T, n_embd) instead of logits (embeddings)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, seq_len), got shape {tuple(idx.shape)}")
         batch, seq_len = idx.shape
@@ -543,6 +508,8 @@ class GPT(nn.Module):
             x = layer(x, cos, sin, doc_ids, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq_len)
+        if final_hidden:
+            return self.norm(x)
         logits = self.lm_logits(x)  # (B, T, vocab)
 
         if self.config.n_expert:

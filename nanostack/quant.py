@@ -1,4 +1,4 @@
-"""INT8 quantization of a trained GPT: weight-only (W8A16) and weights + activations (W8A8), with SmoothQuant.
+"""Quantization of a trained GPT: int8 weight-only (W8A16), int8 weights + activations (W8A8), 4-bit weights (W4A16).
 
 An int8 tensor stores each row as 8-bit integers plus one float scale: q = round(w / s), s = max|w_row| / 127,
 so w ~ q * s with an error of at most s / 2 per element (symmetric: no zero point, since weights and
@@ -16,29 +16,16 @@ scales are applied in the epilogue. The catch is activation outliers: LLM activa
 (columns of x) that are 10-100x larger than the rest in every token. A per-token scale is set by the outlier,
 and all the ordinary channels of that token round to a handful of levels.
 
-SmoothQuant (Xiao et al. 2022) moves that difficulty from activations to weights, where it is harmless.
-For a linear y = X W^T and any positive per-input-channel vector s, y = (X / s)(W * s)^T exactly. Choosing
+SmoothQuant (nanostack/smoothquant.py) moves that difficulty into the weights before quantizing: it scales
+outlier channels of X down and the matching columns of W up, folded into the preceding norms and linears.
 
-    s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)
-
-shrinks outlier channels of X and grows the matching columns of W; alpha = 0.5 balances the two ranges.
-max|X_j| is measured on a few calibration batches with forward hooks. The division X / s is free when it
-can be folded into whatever produced X:
-
-    q/k/v     read attn_norm's output: divide the RMSNorm weight by s (one s shared by wq, wk, wv)
-    gate/up   read mlp_norm's output: the same (the MoE router and every expert read it too)
-    wo        reads softmax-weighted sums of v's rows, so scaling v's output channels passes straight
-              through attention: divide wv's rows by s. With grouped-query attention the query heads of
-              one group read the same v channels, so s is shared across the group.
-    w_down    (dense MLP) reads silu(gate) * up, linear in up: divide w_up's rows by s. MoE experts are
-              not smoothed here: their hidden activations are only seen inside the expert loop.
-
-So every smoothed linear is folded into weights and no extra multiply runs at inference. Dividing rows of
-wv or w_up by s does not change their own int8 error: their per-output-channel scales absorb it.
+int4 (W4A16, nanostack/quant4.py). 4-bit weights with a scale and zero point per group of 128 input channels,
+rounded to nearest or by GPTQ (calibrated on the training corpus), a quarter of the bf16 bytes; the Triton
+kernel dequantizes them in registers. Its embedding and LM head are int8, like in the other modes.
 
 What stays high precision (`skip`, default: the MoE router only). The embedding is an int8 table with one
 scale per row, i.e. per token, so a rare token with large entries does not coarsen the others; a lookup
-gathers the int8 rows of its ids and scales only those. The LM head is int8 weight-only in both modes: its
+gathers the int8 rows of its ids and scales only those. The LM head is int8 weight-only in every mode: its
 input is the final norm's output and its logits go straight to the sampler, so per-token activation rounding
 there buys prefill speed on one layer at the price of the logits the sampler sees. W8A8 would save no bytes
 (the stored weight is the same); measured, it left bits per byte unchanged within noise and lowered top-1
@@ -47,16 +34,19 @@ embeddings one int8 table is both: the head's per-output-channel scales are the 
 and it is stored once; it stays high precision if either name is in `skip`. (GPT.lm_logits reads
 `tok_emb.weight`, which Int8Embedding dequantizes on access, so a tied head multiplies by a transient float
 copy rather than through the int8 kernel.) The MoE router is tiny and its top-k choice flips on small logit
-differences. MoE experts ARE quantized: they hold most of an MoE model's weights, and each expert is an
-ordinary SwiGLU over its tokens. In a small model the embedding and head are a large share of the weights (40%
-of the benchmark's), so quantizing them takes the whole model from 0.70x to 0.50x of its bf16 bytes, for a
-bits-per-byte change of a few 1e-4 or less.
+differences. MoE experts ARE quantized to int8: they hold most of an MoE model's weights, and each expert is
+an ordinary SwiGLU over its tokens (int4 leaves them to `skip`: GPTQ would need each expert's routed tokens).
+In a small model the embedding and head are a large share of the weights (40% of the benchmark's), so
+quantizing them takes the whole model from 0.70x to 0.50x of its bf16 bytes, for a bits-per-byte change of a
+few 1e-4 or less.
 
-On CUDA the linears call the Triton kernels in kernels/int8_matmul.py; elsewhere their plain-torch
-references. A quantized checkpoint stores int8 weights + their scales (smoothing already folded) and a
-"quantization" entry in config.json; `load_quantized` rebuilds it, `load_for_serving` takes either kind.
+On CUDA the linears call the Triton kernels in kernels/int8_matmul.py and kernels/int4_matmul.py; elsewhere
+their plain-torch references. A quantized checkpoint stores the quantized weights + their scales (smoothing
+already folded) and a "quantization" entry in config.json; `load_quantized` rebuilds it, `load_for_serving`
+takes either kind.
 
     python -m nanostack.quant --model out/pretrain --mode w8a8 --out out/w8a8 --report true
+    python -m nanostack.quant --model out/pretrain --mode int4 --group-size 64   # GPTQ, calibrated on the corpus
 """
 import math
 from dataclasses import dataclass
@@ -73,19 +63,20 @@ from kernels.int8_matmul import (int8_matmul, int8_matmul_reference, int8_weight
 from nanostack import checkpoint, data
 from nanostack.atomic import write_json
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
-from nanostack.model import GPT, MLP, Experts
+from nanostack.model import GPT, Experts
+from nanostack.smoothquant import smooth_model
 from nanostack.tokenizer import Tokenizer
 from nanostack.training import bits_per_byte, resolve_device
 
-MODES = ("int8-wo", "w8a8")
+INT8_MODES = ("int8-wo", "w8a8")
+MODES = (*INT8_MODES, "int4")
+INT4_METHODS = ("rtn", "gptq")
 # Modules left in high precision by default (see the module docstring for why each of these may stay).
 DEFAULT_SKIP = ("router",)
 # Names `skip` accepts even where the model lacks them (a tied model has no lm_head module, a dense one no router).
-SKIPPABLE = ("tok_emb", "lm_head", "router")
-# The LM head is weight-only int8 in both modes: see the module docstring.
+SKIPPABLE = ("tok_emb", "lm_head", "router", "experts")
+# The LM head is weight-only int8 in every mode: see the module docstring.
 LM_HEAD_MODE = "int8-wo"
-# Floor for max|X_j| and max|W_:,j| in the SmoothQuant formula: a channel that is never active gets a finite s.
-SMOOTH_EPS = 1e-5
 # The Triton kernels run on CUDA. On CPU the plain-torch references run, even under TRITON_INTERPRET=1, where
 # the kernel module would interpret Triton in numpy (far too slow for a whole model). Tests set this to True
 # to send the CPU path through the interpreted kernels.
@@ -239,111 +230,16 @@ class QuantizedExperts(nn.Module):
             setattr(module, f"{name}_scale", scale)
         return module
 
-    def forward(self, x_sorted, tokens_per_expert: list[int]):
-        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd)."""
+    def forward(self, x_sorted, tokens_per_expert: torch.Tensor):
+        """x_sorted (N*k, n_embd) grouped by expert, tokens_per_expert[e] rows each -> (N*k, n_embd).
+        The group sizes are read back to the host (int8 has no grouped matmul here)."""
         linear = LINEAR_FUNCTIONS[self.mode]
         outputs = []
-        for e, chunk in enumerate(x_sorted.split(tokens_per_expert)):
+        for e, chunk in enumerate(x_sorted.split(tokens_per_expert.tolist())):
             gate = linear(chunk, self.w_gate_int8[e], self.w_gate_scale[e])
             up = linear(chunk, self.w_up_int8[e], self.w_up_scale[e])
             outputs.append(linear(F.silu(gate) * up, self.w_down_int8[e], self.w_down_scale[e]))
         return torch.cat(outputs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# SmoothQuant calibration and folding
-
-def _absmax_per_channel(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over every dim but the last, in at least fp32: (..., C) -> (C,)."""
-    return x.detach().abs().reshape(-1, x.shape[-1]).amax(0).to(torch.promote_types(x.dtype, torch.float32))
-
-
-@torch.no_grad()
-def activation_absmax(model: GPT, batches) -> dict[str, torch.Tensor]:
-    """Per-channel max |activation| over `batches` (token ids (B, T), or (inputs, targets) pairs) at every
-    smoothable input: "layers.{i}.attn_norm" / ".mlp_norm" outputs, ".attn.wo" inputs, and for dense MLPs
-    ".mlp.w_down" inputs (the SwiGLU hidden)."""
-    stats: dict[str, torch.Tensor] = {}
-
-    def record(name, x):
-        absmax = _absmax_per_channel(x)
-        stats[name] = torch.maximum(stats[name], absmax) if name in stats else absmax
-
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        prefix = f"layers.{i}"
-        hooks += [
-            layer.attn_norm.register_forward_hook(lambda m, inp, out, p=prefix: record(f"{p}.attn_norm", out)),
-            layer.attn.wo.register_forward_pre_hook(lambda m, inp, p=prefix: record(f"{p}.attn.wo", inp[0])),
-            layer.mlp_norm.register_forward_hook(lambda m, inp, out, p=prefix: record(f"{p}.mlp_norm", out)),
-        ]
-        if isinstance(layer.mlp, MLP):
-            hooks.append(layer.mlp.w_down.register_forward_pre_hook(
-                lambda m, inp, p=prefix: record(f"{p}.mlp.w_down", inp[0])))
-    try:
-        for batch in batches:
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(inputs.to(model.tok_emb.weight.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not stats:
-        raise ValueError("calibration_batches is empty: SmoothQuant needs at least one batch of token ids")
-    return stats
-
-
-def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha), both maxima floored at SMOOTH_EPS."""
-    return act_absmax.clamp(min=SMOOTH_EPS).pow(alpha) / weight_absmax.clamp(min=SMOOTH_EPS).pow(1 - alpha)
-
-
-def _input_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
-    """max |W_:,j| per input channel j over several (..., out, in) weights that read the same input."""
-    return torch.stack([_absmax_per_channel(w) for w in weights]).amax(0)
-
-
-def _fold_into_norm(norm: nn.Module, readers: list[torch.Tensor], act_absmax: torch.Tensor, alpha: float) -> None:
-    """X / s folded into the RMSNorm weight, W * s into the columns of every weight that reads its output."""
-    s = smoothing_scales(act_absmax, _input_absmax(readers), alpha)  # (n_embd,)
-    norm.weight.div_(s.to(norm.weight.dtype))
-    for weight in readers:
-        weight.mul_(s.to(weight.dtype))
-
-
-@torch.no_grad()
-def smooth_model(model: GPT, calibration_batches, alpha: float) -> dict[str, torch.Tensor]:
-    """Fold SmoothQuant scales into the weights in place (the model's function is unchanged up to rounding);
-    returns the activation maxima it calibrated on. See the module docstring for where each s goes."""
-    if not 0 < alpha <= 1:
-        raise ValueError(f"smooth_alpha={alpha}; expected a migration strength in (0, 1], e.g. 0.5")
-    act = activation_absmax(model, calibration_batches)
-    config = model.config
-    group = config.n_head // config.n_kv_head
-    for i, layer in enumerate(model.layers):
-        attn, mlp, prefix = layer.attn, layer.mlp, f"layers.{i}"
-        # Row folds first: they change wv's and w_up's columns, which the norm folds below then measure.
-        # wo's input channel (head h, dim d) is a mix of v channel (h // group, d): one s per kv channel.
-        kv_shape = (config.n_kv_head, group, config.head_dim)
-        wo_act = act[f"{prefix}.attn.wo"].view(kv_shape).amax(1)  # (n_kv_head, head_dim)
-        wo_weight = _input_absmax([attn.wo.weight]).view(kv_shape).amax(1)
-        s = smoothing_scales(wo_act, wo_weight, alpha)  # (n_kv_head, head_dim)
-        attn.wv.weight.div_(s.reshape(-1, 1).to(attn.wv.weight.dtype))
-        if attn.wv.bias is not None:  # (Qwen2) v's bias is part of v's output channels
-            attn.wv.bias.div_(s.reshape(-1).to(attn.wv.bias.dtype))
-        attn.wo.weight.mul_(s[:, None, :].expand(kv_shape).reshape(-1).to(attn.wo.weight.dtype))
-        if isinstance(mlp, MLP):
-            s = smoothing_scales(act[f"{prefix}.mlp.w_down"], _input_absmax([mlp.w_down.weight]), alpha)  # (hidden,)
-            mlp.w_up.weight.div_(s[:, None].to(mlp.w_up.weight.dtype))
-            mlp.w_down.weight.mul_(s.to(mlp.w_down.weight.dtype))
-
-        _fold_into_norm(layer.attn_norm, [attn.wq.weight, attn.wk.weight, attn.wv.weight],
-                        act[f"{prefix}.attn_norm"], alpha)
-        if isinstance(mlp, MLP):
-            mlp_readers = [mlp.w_gate.weight, mlp.w_up.weight]
-        else:
-            mlp_readers = [mlp.router.weight, mlp.experts.w_gate, mlp.experts.w_up]
-        _fold_into_norm(layer.mlp_norm, mlp_readers, act[f"{prefix}.mlp_norm"], alpha)
-    return act
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,24 +256,50 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: float | None = None,
-                   calibration_batches=None) -> GPT:
-    """Swap the model's embedding, linears and MoE experts for int8 ones in place, except modules matched by `skip`.
+def quantization_targets(model: GPT, mode: str, skip) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, kind) for every module quantize_model replaces, in model order: kind is "embedding" (int8
+    rows), "experts", or for a linear the mode it gets (the LM head's is LM_HEAD_MODE). QAT fakes the same."""
+    # With tied embeddings one table is both the embedding and the LM head: keeping either keeps it.
+    keep_table = model.config.tie_embeddings and is_skipped("lm_head", skip)
+    targets = []
+    for name, module in model.named_modules():
+        if is_skipped(name, skip):
+            continue
+        if isinstance(module, nn.Embedding) and not keep_table:
+            targets.append((name, module, "embedding"))
+        elif isinstance(module, nn.Linear):
+            targets.append((name, module, LM_HEAD_MODE if name == "lm_head" else mode))
+        elif isinstance(module, Experts):
+            targets.append((name, module, "experts"))
+    return targets
 
-    mode "int8-wo" (W8A16) or "w8a8" (the LM head is weight-only in both); for w8a8, `smooth_alpha` first folds
-    SmoothQuant scales calibrated on `calibration_batches` (token ids (B, T) or (inputs, targets) pairs from
-    the training corpus).
+
+def check_skip(model: nn.Module, skip) -> tuple[str, ...]:
+    """`skip` as a tuple, refused if an entry matches no module of the model (and is not in SKIPPABLE)."""
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    names = [name for name, _ in model.named_modules()]
+    unknown = [entry for entry in skip if entry not in SKIPPABLE and not any(is_skipped(n, [entry]) for n in names)]
+    if unknown:
+        raise ValueError(f"skip entries {unknown} match no module; use names such as {SKIPPABLE}, 'wo' "
+                         f"or 'layers.0'")
+    return skip
+
+
+def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: float | None = None,
+                   calibration_batches=None, group_size: int = 128, int4_method: str = "rtn") -> GPT:
+    """Swap the model's embedding, linears and MoE experts for quantized ones in place, except modules matched by
+    `skip`.
+
+    mode "int8-wo" (W8A16), "w8a8" or "int4" (W4A16; the LM head is int8 weight-only in all). For w8a8,
+    `smooth_alpha` first folds SmoothQuant scales calibrated on `calibration_batches` (token ids (B, T) or
+    (inputs, targets) pairs from the training corpus); for int4, `group_size` input channels share a scale and
+    `int4_method` "gptq" rounds the blocks' linears by GPTQ on `calibration_batches` instead of to nearest.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; expected one of {MODES}")
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization}); start from full precision")
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    names = [name for name, _ in model.named_modules()]
-    unknown = [entry for entry in skip if entry not in SKIPPABLE and not any(is_skipped(n, [entry]) for n in names)]
-    if unknown:
-        raise ValueError(f"skip entries {unknown} match no module; use names such as {SKIPPABLE}, 'wo', "
-                         f"'experts' or 'layers.0'")
+    skip = check_skip(model, skip)
     if smooth_alpha is not None:
         if mode != "w8a8":
             raise ValueError(f"smooth_alpha={smooth_alpha} applies to w8a8 only: {mode} keeps activations in "
@@ -385,19 +307,32 @@ def quantize_model(model: GPT, mode: str, *, skip=DEFAULT_SKIP, smooth_alpha: fl
         if calibration_batches is None:
             raise ValueError("smooth_alpha needs calibration_batches (a few batches of the training corpus)")
         smooth_model(model, calibration_batches, smooth_alpha)
+    if int4_method not in INT4_METHODS or (mode != "int4" and int4_method != "rtn"):
+        raise ValueError(f"int4_method={int4_method!r}: expected one of {INT4_METHODS}, and gptq only with mode int4")
+    targets = quantization_targets(model, mode, skip)
+    if mode == "int4":
+        from nanostack import quant4  # quant4 builds on this module's helpers, so it is imported when needed
+        quant4.check_group_size(group_size)
+        if any(kind == "experts" for _, _, kind in targets):
+            raise ValueError("int4 does not quantize MoE experts (GPTQ would need each expert's routed tokens): "
+                             "keep them high precision with skip 'experts' (--keep-high-precision router,experts), "
+                             "or use int8-wo / w8a8")
+        if int4_method == "gptq":
+            quant4.gptq_quantize_layers(model, calibration_batches or [], group_size, skip)
+            targets = quantization_targets(model, mode, skip)  # the blocks' linears are Int4Linears now
 
-    # With tied embeddings one table is both the embedding and the LM head: keeping either keeps it.
-    keep_table = model.config.tie_embeddings and is_skipped("lm_head", skip)
-    for name, module in list(model.named_modules()):
-        if is_skipped(name, skip):
-            continue
-        if isinstance(module, nn.Embedding) and not keep_table:
+    for name, module, kind in targets:
+        if kind == "embedding":
             _set_module(model, name, Int8Embedding.from_embedding(module))
-        elif isinstance(module, nn.Linear):
-            _set_module(model, name, quantize_linear(module, LM_HEAD_MODE if name == "lm_head" else mode))
-        elif isinstance(module, Experts):
+        elif kind == "experts":
             _set_module(model, name, QuantizedExperts.from_experts(module, mode))
+        elif kind == "int4":
+            _set_module(model, name, quant4.Int4Linear.from_linear(module, group_size))
+        else:
+            _set_module(model, name, quantize_linear(module, kind))
     model.quantization = {"mode": mode, "skip": list(skip), "smooth_alpha": smooth_alpha}
+    if mode == "int4":
+        model.quantization.update(group_size=group_size, int4_method=int4_method)
     return model
 
 
@@ -412,7 +347,7 @@ def weight_bytes(model: nn.Module, float_dtype: torch.dtype = torch.bfloat16) ->
 # Quantized checkpoints
 
 def save_quantized(model: GPT, tokenizer: Tokenizer, directory, *, source: str | None = None) -> Path:
-    """Write a quantized model as a checkpoint: int8 weights + scales, the mode in config.json["quantization"]."""
+    """Write a quantized model as a checkpoint: quantized weights + scales, settings in config.json["quantization"]."""
     info = getattr(model, "quantization", None)
     if not info:
         raise ValueError("the model is not quantized; call quantize_model first (or checkpoint.save_checkpoint)")
@@ -430,9 +365,9 @@ def load_quantized(path, device="cpu") -> dict:
         raise checkpoint.CheckpointError(f"{directory} is not a quantized checkpoint (no 'quantization' in "
                                          "config.json); load it with checkpoint.load_checkpoint")
     model = GPT(config)
-    # Same structure as when it was saved; the int8 values computed from these random weights are then replaced.
-    quantize_model(model, info["mode"], skip=tuple(info["skip"]))
-    model.quantization["smooth_alpha"] = info.get("smooth_alpha")
+    # Same structure as when it was saved; the values quantized from these random weights are then replaced.
+    quantize_model(model, info["mode"], skip=tuple(info["skip"]), group_size=info.get("group_size", 128))
+    model.quantization = {key: value for key, value in info.items() if key != "source"}
     checkpoint.load_weights(model, load_file(directory / "model.safetensors"))
     model.to(device)
     return {"model": model, "config": config, "raw_config": raw, "directory": directory,
@@ -486,10 +421,10 @@ def copy_model(model: GPT) -> GPT:
 
 def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: int = 16, batch_size: int = 8,
                    seq_len: int = 0, calibration_batches: int = 8, smooth_alpha: float = 0.5,
-                   skip=DEFAULT_SKIP) -> dict:
-    """Full precision vs W8A16 vs W8A8 vs W8A8 + SmoothQuant on the val split of data_dir: bits per byte (and how
-    much higher than full precision's, in percent), perplexity, top-1 agreement with full precision, weight bytes
-    and their ratio to bf16 bytes."""
+                   skip=DEFAULT_SKIP, group_size: int = 128) -> dict:
+    """Full precision vs W8A16, W8A8, W8A8 + SmoothQuant, int4 by RTN and by GPTQ on the val split of data_dir:
+    bits per byte (and how much higher than full precision's, in percent), perplexity, top-1 agreement with full
+    precision, weight bytes and their ratio to bf16 bytes. The int4 rows keep MoE experts (if any) high precision."""
     device = model.tok_emb.weight.device
     seq_len = seq_len or model.config.max_seq_len
     val = list(data.eval_batches(data.TokenShards(data_dir, "val", tokenizer), batch_size, seq_len, eval_batches))
@@ -500,9 +435,12 @@ def quality_report(model: GPT, tokenizer: Tokenizer, data_dir, *, eval_batches: 
     variants = {"full precision": None, "int8-wo": dict(mode="int8-wo"), "w8a8": dict(mode="w8a8"),
                 f"w8a8+smoothquant({smooth_alpha:g})": dict(mode="w8a8", smooth_alpha=smooth_alpha,
                                                              calibration_batches=calibration)}
+    for method in INT4_METHODS:
+        variants[f"int4-{method}(g{group_size})"] = dict(mode="int4", group_size=group_size, int4_method=method,
+                                                          calibration_batches=calibration, skip=(*skip, "experts"))
     rows, reference_top1 = [], None
     for name, settings in variants.items():
-        variant = model if settings is None else quantize_model(copy_model(model), skip=skip, **settings)
+        variant = model if settings is None else quantize_model(copy_model(model), **{"skip": skip, **settings})
         progress = tqdm(val, desc=f"quality report: {name}", unit="batch", leave=False)  # minutes on a CPU
         metrics = evaluate(variant.eval(), progress, token_bytes, reference_top1)
         if reference_top1 is None:
@@ -534,15 +472,17 @@ def format_rows(rows: list[dict]) -> str:
 @dataclass
 class QuantConfig:
     model: str = "out/pretrain"     # full-precision checkpoint (or run) directory to quantize
-    mode: str = "int8-wo"           # int8-wo (W8A16: int8 weights) | w8a8 (int8 weights and activations)
+    mode: str = "int8-wo"           # int8-wo (W8A16: int8 weights) | w8a8 (int8 weights and activations) | int4 (W4A16)
     out: str = ""                   # output checkpoint directory; empty = out/quant-<mode>
     smooth_alpha: float = 0.5       # w8a8 only: SmoothQuant migration strength in (0, 1]; 0 = no smoothing
-    calibration_batches: int = 8    # training-split batches for SmoothQuant activation statistics
+    calibration_batches: int = 8    # training-split batches for SmoothQuant's activation statistics and GPTQ's Hessians
+    group_size: int = 128           # int4 only: input channels per scale and zero point (a power of two >= 32)
+    int4_method: str = "gptq"       # int4 only: gptq (calibrated on the training split) | rtn (round to nearest)
     keep_high_precision: str = ",".join(DEFAULT_SKIP)  # modules kept high precision, e.g. tok_emb,lm_head,router
     data_dir: str = "out/data/stdlib"  # token shards the model was trained on (calibration and --report)
     batch_size: int = 8             # sequences per calibration / evaluation batch
     seq_len: int = 0                # tokens per sequence; 0 = the model's max_seq_len
-    report: bool = False            # also compare full precision, W8A16, W8A8, W8A8+SmoothQuant on the val split
+    report: bool = False            # also compare full precision, W8A16, W8A8, W8A8+SmoothQuant, int4 on the val split
     eval_batches: int = 16          # --report: validation batches per variant
     device: str = "auto"            # auto | cpu | cuda | cuda:N
 
@@ -555,6 +495,9 @@ def main(argv=None) -> int:
         raise ValueError(f"--mode {config.mode!r}; expected one of {MODES}")
     if config.smooth_alpha < 0:
         raise ValueError(f"--smooth-alpha {config.smooth_alpha}; expected 0 (off) or a value in (0, 1]")
+    int4_method = config.int4_method if config.mode == "int4" else "rtn"
+    if config.mode != "int4" and (config.group_size, config.int4_method) != (128, "gptq"):
+        raise ValueError(f"--group-size and --int4-method apply to --mode int4, not {config.mode}")
     skip = tuple(entry for entry in config.keep_high_precision.split(",") if entry)
     loaded = checkpoint.load_checkpoint(config.model, resolve_device(config.device))
     model, tokenizer = loaded["model"].eval(), loaded["tokenizer"]
@@ -565,13 +508,14 @@ def main(argv=None) -> int:
         report = quality_report(model, tokenizer, config.data_dir, eval_batches=config.eval_batches,
                                 batch_size=config.batch_size, seq_len=seq_len,
                                 calibration_batches=config.calibration_batches,
-                                smooth_alpha=config.smooth_alpha or 0.5, skip=skip)
+                                smooth_alpha=config.smooth_alpha or 0.5, skip=skip, group_size=config.group_size)
     calibration = None
-    if smooth_alpha is not None:
+    if smooth_alpha is not None or int4_method == "gptq":
         shards = data.TokenShards(config.data_dir, "train", tokenizer)
         calibration = calibration_batches_from(shards, config.calibration_batches, config.batch_size, seq_len)
     bf16_bytes = weight_bytes(model)
-    quantize_model(model, config.mode, skip=skip, smooth_alpha=smooth_alpha, calibration_batches=calibration)
+    quantize_model(model, config.mode, skip=skip, smooth_alpha=smooth_alpha, calibration_batches=calibration,
+                   group_size=config.group_size, int4_method=int4_method)
     out = Path(config.out or f"out/quant-{config.mode}")
     save_quantized(model, tokenizer, out, source=str(loaded["directory"]))
     print(f"{config.mode}: {weight_bytes(model) / 1e6:.2f} MB of weights ({weight_bytes(model) / bf16_bytes:.2f}x "

@@ -11,6 +11,15 @@
 Everything a resumed run needs to continue *exactly* is in the checkpoint: weights, optimizer moments, the
 step, the batch source's position and the RNG states. On CPU in fp32 a resumed run reproduces the losses
 of an uninterrupted one bit for bit (tests/test_training.py checks it).
+
+fp16 (`--dtype float16`) needs loss scaling, bf16 does not. fp16 keeps 5 exponent bits: values below 6e-8
+flush to zero, and small gradients (a mean over thousands of tokens makes many) vanish in the backward.
+torch.amp.GradScaler multiplies the loss by a large factor S (65536 to start) so the backward's values sit in
+fp16's range, divides the gradients by S before clipping and the optimizer step, and skips any step whose
+gradients overflowed, halving S (it doubles S again after 2000 good steps). Skipped steps are counted in the
+log and the checkpoint, which also holds the scaler's state. bf16 has fp32's 8 exponent bits, so nothing
+underflows and no scaling is needed, at the price of 3 fewer mantissa bits (bench/bench_lowprec.py measures
+both).
 """
 import contextlib
 import json
@@ -235,6 +244,11 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
     model_module.USE_FLASH_KERNEL = config.flash_kernel
     device, run_dir, peak_lr = rank.device, Path(config.out_dir), config.lr
     flops_per_token, peak = model.flops_per_token(), peak_flops(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(config.dtype, device) == torch.float16)
+    if scaler.is_enabled() and (parallel.strategy == "fsdp" or parallel.tp > 1 or parallel.pp > 1):
+        raise ValueError("--dtype float16 with --strategy fsdp, --tp or --pp: loss scaling of sharded or "
+                         "pipelined gradients is not supported here; use --dtype bfloat16 (no scaling needed), or "
+                         "--strategy ddp")
     step_model = distributed.parallelize(model, parallel, rank, compile=config.compile, micro_batches=config.grad_accum,
                                          param_dtype=compute_dtype(config.dtype, device))
     pipeline = step_model if isinstance(step_model, Pipeline) else None
@@ -242,10 +256,13 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
         raise ValueError(f"--pp trains the next-token objective only (its loss runs on the last stage), "
                          f"not {getattr(objective, '__name__', objective)}")
     optimizer = make_optimizer(model, config, peak_lr)  # after sharding: FSDP2 turns parameters into DTensors
-    start_step, last_good = 0, None  # the newest checkpoint of this run: what a divergence leaves to go back to
+    start_step, last_good, skipped_steps = 0, None, 0  # last_good: what a divergence leaves to go back to
     if config.resume:
         trainer_state = resume_state(run_dir, model, optimizer)
         start_step, last_good = trainer_state["step"], trainer_state["directory"]
+        skipped_steps = trainer_state.get("skipped_steps", 0)
+        if trainer_state.get("grad_scaler"):  # empty when the run was not fp16
+            scaler.load_state_dict(trainer_state["grad_scaler"])
         batches.load_state_dict(trainer_state["loader"])
         checkpoint.set_rng_state(trainer_state["rng"])
         if rank.is_main:
@@ -268,7 +285,8 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
         if rank.is_main:
             trainer_state = {"step": step, "loader": batches.state_dict(), "rng": checkpoint.rng_state(),
                              "train_config": asdict(config), "parallel": asdict(parallel),
-                             "world_size": rank.world_size, "eval": eval_metrics}
+                             "world_size": rank.world_size, "eval": eval_metrics,
+                             "grad_scaler": scaler.state_dict(), "skipped_steps": skipped_steps}
             checkpoint.save_run_checkpoint(run_dir, step, config.keep, weights=weights, config=model_config,
                                            tokenizer=tokenizer, optimizer_state=optimizer_state,
                                            trainer_state=trainer_state, extra_config=extra_config,
@@ -297,7 +315,7 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
                 with distributed.gradient_sync(step_model, sync=micro == config.grad_accum - 1), \
                         vocab_parallel_loss(rank.size("tp")), autocast:
                     loss, metrics = objective(step_model, batch)
-                    (loss / config.grad_accum).backward()
+                    scaler.scale(loss / config.grad_accum).backward()
                 step_loss += loss.detach() / config.grad_accum
                 # An objective that generates its own tokens (grpo) says how many it trained on.
                 window_tokens += (metrics.pop("tokens", None) or batch_tokens(batch)) * rank.size("dp")
@@ -305,8 +323,13 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / config.grad_accum
         except torch.OutOfMemoryError:
             raise OutOfMemory(out_of_memory_advice(step + 1, device, config, run_dir)) from None
+        scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
         grad_norm = clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"), rank.mesh)
-        optimizer.step()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped if a gradient overflowed
+        scaler.update()
+        if scaler.get_scale() < scale:  # the scale is lowered exactly when the step was skipped
+            skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         logging = done % config.log_every == 0 or done == config.steps
@@ -327,6 +350,8 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_per_s": tokens_per_s, **{k: float(v) for k, v in step_metrics.items()}}
+            if scaler.is_enabled():
+                record.update(loss_scale=scaler.get_scale(), skipped_steps=skipped_steps)
             postfix = {"loss": f"{step_loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
             if peak:
                 record["mfu"] = flops_per_token * tokens_per_s / (peak * rank.world_size)

@@ -502,8 +502,10 @@ def test_server_serves_after_hostile_bodies_and_frees_blocks(live):
 
 def test_limits_and_status_codes(live, make_live, tokenizer):
     url = live.url + "/v1/completions"
-    status, _, body = post(url, {"prompt": "hi", "max_tokens": 2, "user": "u", "presence_penalty": 0.5, "extra": [1]})
-    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 2  # unknown fields are ignored
+    status, _, body = post(url, {"prompt": "hi", "max_tokens": 2, "user": "u", "presence_penalty": 0.5})
+    assert status == 200 and 1 <= body["usage"]["completion_tokens"] <= 2
+    status, _, body = post(url, {"prompt": "hi", "max_tokens": 2, "extra": [1]})
+    assert_openai_error(status, body, 400) and body["error"]["param"] == "extra"  # unknown fields are refused
     status, _, body = post(url, b'{"prompt": "' + b"x" * LIMITS.max_body_bytes + b'"}')
     assert_openai_error(status, body, 413)
     status, _, body = post(url, {"model": "gpt-4", "prompt": "hi"})

@@ -19,7 +19,7 @@ import torch
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nanostack import data
+from nanostack import data, download
 from nanostack.data import BatchLoader, Document, TokenShards, eval_batches, prepare_tokens
 from nanostack.tokenizer import Tokenizer
 
@@ -239,11 +239,11 @@ def test_download_fetches_and_verifies(shard_server, tmp_path):
     shard_server.files.update(files)
     urls = [f"{shard_server.base_url}/{name}" for name in files]
     checksums = {name: sha256_hex(content) for name, content in files.items()}
-    paths = data.download_shards(urls, tmp_path, checksums)
+    paths = download.download_shards(urls, tmp_path, checksums)
     assert [p.name for p in paths] == list(files)
     assert all(p.read_bytes() == files[p.name] for p in paths)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no .part left behind
-    data.download_shards(urls, tmp_path, checksums)
+    download.download_shards(urls, tmp_path, checksums)
     assert len(shard_server.requests) == 2  # finished files are not fetched again
 
 
@@ -252,8 +252,8 @@ def test_download_resumes_with_range_after_dropped_connection(shard_server, tmp_
     shard_server.files["big.parquet"] = content
     shard_server.drop_once["big.parquet"] = 7000
     sleeps = []
-    monkeypatch.setattr(data.time, "sleep", sleeps.append)
-    [path] = data.download_shards([f"{shard_server.base_url}/big.parquet"], tmp_path,
+    monkeypatch.setattr(download.time, "sleep", sleeps.append)
+    [path] = download.download_shards([f"{shard_server.base_url}/big.parquet"], tmp_path,
                                   {"big.parquet": sha256_hex(content)})
     assert path.read_bytes() == content
     assert shard_server.requests == [("big.parquet", None), ("big.parquet", "bytes=7000-")]
@@ -264,20 +264,20 @@ def test_download_bad_checksum_leaves_no_file(shard_server, tmp_path):
     shard_server.files["x.jsonl"] = b'{"text": "hello"}\n'
     with pytest.raises(ValueError, match="checksum mismatch.*x.jsonl.*expected sha256 0+, got " +
                        sha256_hex(b'{"text": "hello"}\n')):
-        data.download_shards([f"{shard_server.base_url}/x.jsonl"], tmp_path, {"x.jsonl": "0" * 64})
+        download.download_shards([f"{shard_server.base_url}/x.jsonl"], tmp_path, {"x.jsonl": "0" * 64})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_download_retries_with_exponential_backoff_then_gives_up(shard_server, tmp_path, monkeypatch):
     shard_server.fail_status["flaky.jsonl"] = 503
     sleeps = []
-    monkeypatch.setattr(data.time, "sleep", sleeps.append)
+    monkeypatch.setattr(download.time, "sleep", sleeps.append)
     with pytest.raises(RuntimeError, match="flaky.jsonl failed after 4 attempts"):
-        data.download_shards([f"{shard_server.base_url}/flaky.jsonl"], tmp_path, retries=3, backoff_seconds=0.5)
+        download.download_shards([f"{shard_server.base_url}/flaky.jsonl"], tmp_path, retries=3, backoff_seconds=0.5)
     assert sleeps == [0.5, 1.0, 2.0]
     assert len(shard_server.requests) == 4
     with pytest.raises(RuntimeError, match="404"):  # a missing file is not retried
-        data.download_shards([f"{shard_server.base_url}/missing.jsonl"], tmp_path)
+        download.download_shards([f"{shard_server.base_url}/missing.jsonl"], tmp_path)
     assert len(shard_server.requests) == 5
     assert list(tmp_path.iterdir()) == []
 
@@ -288,25 +288,25 @@ def test_url_list_source_downloads_then_reads(shard_server, tmp_path):
     url_file = tmp_path / "corpus.urls"
     url_file.write_text(f"# shards\n{shard_server.base_url}/part0.jsonl {sha256_hex(files['part0.jsonl'])}\n\n"
                         + "".join(f"{shard_server.base_url}/{name}  # no checksum\n" for name in list(files)[1:]))
-    urls, checksums = data.read_url_list(url_file)
+    urls, checksums = download.read_url_list(url_file)
     assert urls == [f"{shard_server.base_url}/{name}" for name in files]
     assert checksums == {"part0.jsonl": sha256_hex(files["part0.jsonl"])}
-    directory = data.download_source(str(url_file), tmp_path / "raw", max_shards=2)
+    directory = download.download_source(str(url_file), tmp_path / "raw", max_shards=2)
     assert [(d.name, d.text) for d in data.iter_documents(directory)] == [
         ("part0.jsonl:1", "document 0"), ("part1.jsonl:1", "document 1")]
-    assert data.download_source("stdlib", tmp_path / "raw") == "stdlib"  # local sources pass through
+    assert download.download_source("stdlib", tmp_path / "raw") == "stdlib"  # local sources pass through
 
 
 def test_web_corpus_registry_and_url_checks(tmp_path):
-    fineweb = data.web_corpus_urls("fineweb-edu-10bt", 2)
+    fineweb = download.web_corpus_urls("fineweb-edu-10bt", 2)
     assert len(fineweb) == 2 and fineweb[0] != fineweb[1] and all(u.endswith(".parquet") for u in fineweb)
-    assert len(set(data.web_corpus_urls("fineweb-edu-100b-shuffle"))) == 1823
+    assert len(set(download.web_corpus_urls("fineweb-edu-100b-shuffle"))) == 1823
     with pytest.raises(ValueError, match="unknown web corpus"):
-        data.web_corpus_urls("nope")
+        download.web_corpus_urls("nope")
     with pytest.raises(ValueError, match="http"):  # rejected before any connection is made
-        data.download_shards(["ftp://127.0.0.1/x.jsonl"], tmp_path)
+        download.download_shards(["ftp://127.0.0.1/x.jsonl"], tmp_path)
     with pytest.raises(ValueError, match="none of the URLs"):
-        data.download_shards(["http://127.0.0.1:9/x.jsonl"], tmp_path, {"y.jsonl": "00"})
+        download.download_shards(["http://127.0.0.1:9/x.jsonl"], tmp_path, {"y.jsonl": "00"})
 
 
 # ---------------------------------------------------------------------------------------------------------

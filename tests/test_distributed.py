@@ -107,6 +107,16 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(workdir, referen
     assert_same_weights(weights(workdir, f"{strategy}-resumed"), weights(workdir, strategy), atol=0)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+def test_fsdp2_on_nccl_with_one_process_matches_plain_training(workdir):
+    on_gpu = ("--device", "cuda", "--dtype", "float32")
+    single(workdir, "cuda-single", *on_gpu)
+    run(TORCHRUN + ["--nproc_per_node=1", f"--master_port={free_port()}"]
+        + train_args(workdir, "cuda-fsdp", "--strategy", "fsdp", *on_gpu))
+    assert losses(workdir, "cuda-fsdp") == pytest.approx(losses(workdir, "cuda-single"), rel=1e-4)
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_under_ddp_matches_one_big_batch(workdir, reference):
     torchrun(workdir, "ddp-accum", "--batch-size", "1", "--grad-accum", "2", "--strategy", "ddp")

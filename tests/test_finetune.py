@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
-from nanostack import chat_data, checkpoint, lora, tasks
+from nanostack import chat_data, checkpoint, lora, qat, quant, quant4, tasks
 from nanostack.model import GPT, ModelConfig
 from nanostack.tokenizer import Tokenizer
 
@@ -252,3 +252,41 @@ def test_on_policy_pairs_prefer_a_right_sample_or_the_reference_answer(workdir):
     from_samples = [pair for pair in pairs if pair.chosen != answers[pair.prompt[0]["content"]]]
     assert 0 < len(from_samples) < len(pairs)  # some chosen replies are samples, some the reference answer
     assert all(len(pair.chosen) % 2 == 0 for pair in from_samples) and all(len(pair.rejected) % 2 for pair in pairs)
+
+
+@pytest.mark.slow
+def test_qlora_end_to_end_merges_the_dequantized_base_and_reports_memory(workdir):
+    flags = common_flags(workdir, "qlora") + ["--lora-rank", "4", "--base-quant", "nf4", "--data",
+                                              str(workdir / "chat.jsonl")]
+    result = run_script(flags, workdir)
+    assert result.returncode == 0, result.stderr
+    out = workdir / "qlora"
+    report = json.loads((out / "eval.json").read_text())
+    memory = report["memory_bytes"]
+    assert memory["frozen_base"] < memory["bf16_lora_frozen_base"]
+    assert memory["training_state"] - memory["frozen_base"] == 16 * report["trainable_params"]
+    served = checkpoint.load_checkpoint(out)
+    assert served["raw_config"]["finetune"]["base_quant"] == "nf4"
+    # The served model is the NF4 base, dequantized, with the saved adapter merged in.
+    base = checkpoint.load_checkpoint(workdir / "init")["model"]
+    quant4.quantize_base_nf4(base)
+    lora.load_adapter(base, out / "adapter")
+    lora.merge_lora(base)
+    for name, tensor in served["model"].state_dict().items():
+        torch.testing.assert_close(tensor, base.state_dict()[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_qat_end_to_end_saves_the_model_it_trained_quantized(workdir):
+    result = run_script(common_flags(workdir, "qat") + ["--qat", "int4", "--qat-group-size", "32", "--data",
+                                                        str(workdir / "chat.jsonl")], workdir)
+    assert result.returncode == 0, result.stderr
+    out = workdir / "qat"
+    plain = checkpoint.load_checkpoint(out)  # the float weights that trained under fake quantization
+    assert plain["raw_config"]["finetune"]["qat"] == "int4"
+    quantized = quant.load_quantized(out / "quantized")["model"]
+    assert quantized.quantization["group_size"] == 32
+    expected = qat.quantize_trained(plain["model"], {"mode": "int4", "group_size": 32, "skip": ["router"]})
+    ids = torch.randint(0, plain["config"].vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(quantized(ids), expected(ids))

@@ -3,10 +3,12 @@ against an independent float64 attention written out per sequence and per head, 
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.flash_attention import (attention_reference, flash_attention, flash_attention_backward,
+from kernels.flash_attention import (_tile, attention_reference, flash_attention, flash_attention_backward,
                                      flash_attention_forward)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,9 +158,11 @@ def test_random_problems_match_float64(problem):
         assert_close(grad.reshape(expected_grad.shape), expected_grad, torch.float32, name)
 
 
-def run_kernels_into(q, k, v, dout, lengths_q, lengths_k, causal, fill):
-    """Call the launchers with every output buffer pre-filled with `fill`; returns out, lse, dq, dk, dv."""
-    meta = (cu_seqlens(lengths_q), cu_seqlens(lengths_k), max(lengths_q), max(lengths_k))
+def run_kernels_into(q, k, v, dout, lengths_q, lengths_k, causal, fill, max_seqlens=None):
+    """Call the launchers with every output buffer pre-filled with `fill`; returns out, lse, dq, dk, dv.
+    max_seqlens: the (q, k) length hints passed to the launchers (default: the true maxima)."""
+    max_seqlens = (max(lengths_q), max(lengths_k)) if max_seqlens is None else max_seqlens
+    meta = (cu_seqlens(lengths_q), cu_seqlens(lengths_k), *max_seqlens)
     scale = q.shape[-1] ** -0.5
     out, lse = flash_attention_forward(q, k, v, *meta, causal=causal, softmax_scale=scale,
                                        out=torch.full_like(q, fill),
@@ -198,6 +202,54 @@ def test_rows_without_visible_keys_are_zero_not_nan():
     assert_close(out, expected, torch.float32, "out")
     for name, grad, expected_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), expected_grads):
         assert_close(grad, expected_grad, torch.float32, name)
+
+
+def test_too_small_max_seqlen_hints_still_write_every_row():
+    # The hints size the grid and are not checked (that would read cu_seqlens: a GPU sync). With hints of 8 the
+    # grid covers one 32-row query block and one 32-key block; the kernels' stride loops must reach the rest.
+    generator = torch.Generator().manual_seed(4)
+    lengths_q, lengths_k = [70, 5], [75, 5]
+    q, k, v, dout = random_qkv(generator, sum(lengths_q), sum(lengths_k), 2, 1, 16, torch.float32)
+    out, lse, dq, dk, dv = run_kernels_into(q, k, v, dout, lengths_q, lengths_k, True, float("nan"),
+                                            max_seqlens=(8, 8))
+    expected, expected_grads = reference_and_grads(q, k, v, dout, lengths_q, lengths_k, True)
+    assert_close(out, expected, torch.float32, "out")
+    for name, grad, expected_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), expected_grads):
+        assert_close(grad, expected_grad, torch.float32, name)
+
+
+@triton.jit
+def _tile_offsets_probe(X, Out, first_row, stride_t, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store the byte offsets from X of _tile's (BLOCK, HEAD_DIM) pointers, without touching that memory."""
+    offsets = _tile(X, 0, 0, first_row, stride_t, BLOCK, HEAD_DIM).to(tl.int64) - X.to(tl.int64)
+    tl.store(Out + tl.arange(0, BLOCK)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], offsets)
+
+
+def test_tile_row_offsets_do_not_wrap_past_2_31():
+    # Token 600000 of heads packed H * D = 4096 wide starts 2.46e9 elements in: an int32 product wraps there.
+    first_row, stride_t = 600_000, 4096
+    x = torch.zeros(1, dtype=torch.float16, device=DEVICE)
+    out = torch.zeros(4, 16, dtype=torch.int64, device=DEVICE)
+    _tile_offsets_probe[(1,)](x, out, first_row, stride_t, BLOCK=4, HEAD_DIM=16)
+    rows = first_row + torch.arange(4, dtype=torch.int64)
+    expected = (rows[:, None] * stride_t + torch.arange(16)) * x.element_size()
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_sizes_match_the_reference(dtype):
+    # Forward and backward of a varlen batch at D = 128 with GQA (on an H100 the forward is the Hopper kernel's).
+    generator = torch.Generator().manual_seed(11)
+    lengths_q, lengths_k = [2048, 1000, 300], [2048, 1500, 300]
+    q, k, v, dout = random_qkv(generator, sum(lengths_q), sum(lengths_k), 16, 4, 128, dtype)
+    kwargs = dict(causal=True, cu_seqlens_q=cu_seqlens(lengths_q), cu_seqlens_k=cu_seqlens(lengths_k))
+    out, grads = run_flash(q, k, v, dout, **kwargs)
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    expected = attention_reference(*leaves, **kwargs)
+    expected_grads = torch.autograd.grad(expected, leaves, dout.float())
+    for name, actual, reference in zip(("out", "dq", "dk", "dv"), (out, *grads), (expected, *expected_grads)):
+        assert_close(actual, reference.double(), dtype, name)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -16,47 +16,22 @@ from nanostack.model import GPT, ModelConfig  # noqa: E402
 from nanostack.sampling import SamplingParams  # noqa: E402
 from nanostack.serving.engine import Engine, EngineConfig  # noqa: E402
 from nanostack.serving.speculative import SpeculativeConfig, Speculator  # noqa: E402
+from conftest import HF_FAMILIES, build_hf_model  # noqa: E402
 
-# conftest.py: `tokenizer` (a 320-token BPE), `one_thread`.
+# conftest.py: `tokenizer` (a 320-token BPE), `one_thread`, the Hugging Face families and their builder.
 pytestmark = pytest.mark.usefixtures("one_thread")
-VOCAB = 320
-SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, rms_norm_eps=1e-6)
-EXPERTS = dict(num_local_experts=4, num_experts_per_tok=2)
-# family -> (transformers Config class name, its settings, whether to save it in several shards)
-FAMILIES = {
-    "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}), True),
-    "qwen2": ("Qwen2Config", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                                   "original_max_position_embeddings": 32}), False),
-    "qwen3": ("Qwen3Config", dict(head_dim=16, rope_parameters={"rope_type": "linear", "rope_theta": 1000.0,
-                                                                "factor": 2.0}), True),
-    "mistral": ("MistralConfig", dict(sliding_window=8), False),
-    "mixtral": ("MixtralConfig", dict(EXPERTS), True),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(EXPERTS, moe_intermediate_size=48, norm_topk_prob=False), False),
-}
+VOCAB = 320  # conftest.py's HF_SHAPE and tokenizer have this vocabulary
 PROMPT_LENGTHS = (5, 11, 17)
 NEW_TOKENS = 32
 
 
-def build_hf_model(family: str, **overrides):
-    """A fixed-seed random transformers model of `family` in eval mode, generating without a stop token."""
-    class_name, settings, _ = FAMILIES[family]
-    config = getattr(transformers, class_name)(**SHAPE, **{**settings, **overrides})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(HF_FAMILIES))
 def family(request, tmp_path_factory):
     """(family name, its transformers model, the directory save_pretrained wrote it to)."""
     model = build_hf_model(request.param)
     directory = tmp_path_factory.mktemp(request.param) / "hf"
     model.save_pretrained(directory, safe_serialization=True,
-                          **({"max_shard_size": "40KB"} if FAMILIES[request.param][2] else {}))
+                          **({"max_shard_size": "40KB"} if HF_FAMILIES[request.param][2] else {}))
     return request.param, model, directory
 
 
@@ -80,7 +55,7 @@ def prompts() -> list[list[int]]:
 
 def test_logits_equal_transformers(family):
     name, hf_model, directory = family
-    if FAMILIES[name][2]:
+    if HF_FAMILIES[name][2]:
         assert (directory / hf.INDEX).exists()  # the sharded path really ran
     model = hf.import_hf(directory)
     # 96 positions: past the 32-token original context of the scaled RoPE and far past the 8-token window.

@@ -57,6 +57,25 @@ def test_int8_product_of_strided_views():
     assert torch.equal(int8_matmul(a.to(DEVICE), b.to(DEVICE)).cpu().long(), exact_product(a, b))
 
 
+def test_row_offsets_past_2_31_do_not_wrap():
+    # Row 2 of a starts 2^31 + 128 bytes after row 0. With int32 offsets that product wraps to -2^31 + 128 and
+    # the kernel reads the zeros planted there; the rows sit 2 GB into a 4 GB allocation, so even the wrapped
+    # address is mapped. The memory is reserved, not touched: only the pages written below become resident.
+    K, row_stride = 32, 2**30 + 64
+    try:
+        storage = torch.empty(2**32 + 4096, dtype=torch.int8)
+    except RuntimeError as error:
+        pytest.skip(f"cannot reserve 4 GB of address space: {error}")
+    storage[:4096] = 0
+    a = storage[2**31:].as_strided((3, K), (row_stride, 1))
+    generator = torch.Generator().manual_seed(6)
+    a.copy_(random_int8(generator, 3, K))
+    b = random_int8(generator, 16, K)
+    expected = exact_product(a, b)
+    assert (expected[2] != 0).all()
+    assert torch.equal(int8_matmul(a, b).long(), expected)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_scaled_int8_matches_float64_and_the_reference(out_dtype):
     generator = torch.Generator().manual_seed(2)
@@ -99,7 +118,7 @@ def test_weight_only_matches_float64(dtype, with_bias):
     x = torch.randn(M, K, generator=generator).to(dtype)
     w_int8 = random_int8(generator, N, K)
     w_scale = torch.rand(N, generator=generator) * 0.02 + 0.001
-    bias = torch.randn(N, generator=generator).to(dtype) if with_bias else None
+    bias = torch.randn(2 * N, generator=generator).to(dtype)[::2] if with_bias else None  # a strided view
     out = int8_weight_only_matmul(x.to(DEVICE), w_int8.to(DEVICE), w_scale.to(DEVICE),
                                   bias=None if bias is None else bias.to(DEVICE))
     assert out.dtype == dtype and out.shape == (M, N)
@@ -204,3 +223,20 @@ def test_bad_bias_and_integer_quantize_input_are_rejected():
                                 bias=torch.ones(4))
     with pytest.raises(ValueError, match="floating"):
         quantize_per_row(torch.zeros(3, 4, dtype=torch.int8))
+
+
+@pytest.mark.cuda
+def test_gpu_real_sizes_match_the_references():
+    # Prefill (M = 4096, the big tiles) and decode (M = 8) shapes of a 4096-wide projection: the exact int32
+    # product, and W8A16 in bf16 and fp32 (three tf32 passes) against float64.
+    generator = torch.Generator().manual_seed(9)
+    for M in (4096, 8):
+        a, b = random_int8(generator, M, 4096).cuda(), random_int8(generator, 4096, 4096).cuda()
+        assert torch.equal(int8_matmul(a, b), int8_matmul_reference(a, b))
+        w_scale = (torch.rand(4096, generator=generator) * 0.02 + 0.001).cuda()
+        for dtype, rtol in ((torch.bfloat16, 8e-3), (torch.float32, 1e-5)):
+            x = torch.randn(M, 4096, generator=generator).cuda().to(dtype)
+            out = int8_weight_only_matmul(x, b, w_scale).double()
+            expected = x.double() @ (b.double() * w_scale.double()[:, None]).T
+            magnitude = x.double().abs() @ (b.double().abs() * w_scale.double()[:, None]).T
+            assert ((out - expected).abs() <= rtol * expected.abs() + 1e-5 * magnitude).all()

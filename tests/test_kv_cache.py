@@ -15,6 +15,12 @@ tokens_strategy = st.tuples(st.sampled_from([(), (7, 7, 7), (7, 7, 7, 1, 2, 3)])
                             st.lists(st.integers(0, 2), min_size=1, max_size=12)).map(lambda t: list(t[0]) + t[1])
 
 
+def slot_mapping(manager, seq_id, start, end):
+    """Pool slots (block_id * block_size + offset) of positions start..end-1 of a sequence."""
+    table = manager.block_tables[seq_id]
+    return [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]
+
+
 class BlockManagerMachine(RuleBasedStateMachine):
     """Drives admit / allocate / compute / append / free like a scheduler would, in random orders."""
     seqs = Bundle("seqs")
@@ -38,7 +44,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return multiple()  # refused: no sequence to track
         assert num_cached % BLOCK_SIZE == 0 and num_cached <= len(token_ids) - 1
         # A hit must hand over blocks that really hold this very prefix (the hash chain + exact compare).
-        for position, slot in enumerate(self.manager.slot_mapping(seq_id, 0, num_cached)):
+        for position, slot in enumerate(slot_mapping(self.manager, seq_id, 0, num_cached)):
             assert self.slot_holds[slot] == tuple(token_ids[:position + 1])
         table = self.manager.block_tables[seq_id]
         assert len(table) == self.manager.blocks_for(num_cached + min(len(token_ids) - num_cached, budget))
@@ -55,7 +61,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         capacity = len(self.manager.block_tables[seq_id]) * BLOCK_SIZE
         start = self.computed[seq_id]
         end = min(start + num_tokens, len(self.tokens[seq_id]), capacity)
-        for position, slot in zip(range(start, end), self.manager.slot_mapping(seq_id, start, end)):
+        for position, slot in zip(range(start, end), slot_mapping(self.manager, seq_id, start, end)):
             assert self.manager.ref_counts[slot // BLOCK_SIZE] == 1, "writing into a shared block"
             self.slot_holds[slot] = tuple(self.tokens[seq_id][:position + 1])
         self.computed[seq_id] = end
@@ -77,6 +83,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self.manager.num_free_blocks == free_before
             assert self.manager.block_tables[seq_id] == table_before
 
+    @rule(seq_id=seqs, keep=st.integers(0, 4))
+    def truncate(self, seq_id, keep):
+        """Drop the blocks past computed + keep positions (rejected draft tokens)."""
+        if seq_id in self.tokens:
+            self.manager.truncate(seq_id, self.computed[seq_id] + keep)
+
     @rule(seq_id=consumes(seqs))
     def free(self, seq_id):
         """A request finishes, is aborted or preempted: all the same to the allocator."""
@@ -93,6 +105,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
             for block in table:
                 held[block] += 1
         assert self.manager.ref_counts == held  # never negative, and exactly the number of holders
+
+    @invariant()
+    def table_array_mirrors_the_tables(self):
+        rows = [self.manager.table_rows[seq_id] for seq_id in self.manager.block_tables]
+        assert len(set(rows)) == len(rows) and set(self.manager.table_rows) == set(self.manager.block_tables)
+        assert not set(rows) & set(self.manager.free_rows)
+        for seq_id, table in self.manager.block_tables.items():
+            assert self.manager.table_array[self.manager.table_rows[seq_id], :len(table)].tolist() == table
 
     @invariant()
     def each_block_is_free_or_referenced(self):

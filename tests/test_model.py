@@ -12,8 +12,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from nanostack import model as model_module
-from nanostack.model import (GPT, KVCache, MoE, MLP, ModelConfig, RMSNorm, apply_rope, attention,
-                             default_learning_rate, positions_in_documents, rope_cos_sin)
+from nanostack.model import (GPT, KVCache, MoE, MLP, ModelConfig, RMSNorm, attention, default_learning_rate,
+                             positions_in_documents)
+from nanostack.rope import apply_rope, rope_cos_sin
 from nanostack.sampling import SamplingParams, sample
 
 VOCAB = 61
@@ -206,6 +207,22 @@ def test_moe_dispatch_matches_per_token_loop(n_expert, n_active, n_tokens):
     expected, expected_load = naive_moe(moe, x)
     torch.testing.assert_close(moe(x), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(moe.expert_load, expected_load)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+def test_moe_grouped_matmul_inference_path_matches_per_token_loop():
+    """Under no_grad in float32 the experts run as torch._grouped_mm (the path serving and CUDA graphs use)."""
+    torch.manual_seed(8)
+    moe = MoE(tiny_config(n_expert=4, n_expert_active=2)).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 13, 32, dtype=torch.float64)
+    expected, _ = naive_moe(moe, x)
+    moe.float()
+    with torch.no_grad():
+        assert model_module._grouped_mm_applies(x.float(), moe.experts.w_gate, moe.experts.w_down)
+        got = moe(x.float())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("aux_coef, z_coef", [(1.0, 0.0), (0.0, 1.0), (0.3, 0.05)])

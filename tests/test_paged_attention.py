@@ -144,6 +144,22 @@ def test_poisoned_buffers_are_fully_overwritten(poisoned_allocations, num_splits
     assert wide[..., q.shape[2]:].isnan().all()
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_zero_length_context_gives_zeros_and_lengths_may_be_strided(poisoned_allocations, num_splits):
+    # A padding slot (context length 0) once gave NaN with split-K (the merge took exp2(-inf - -inf)); context
+    # lengths that are a strided view (every other entry of a wider tensor) were read as if contiguous.
+    q, k_cache, v_cache, block_tables, context_lens = make_case(
+        12, [9, 1, 20], num_kv_heads=2, group_size=2, head_dim=16, block_size=4, dtype=torch.float32)
+    context_lens[1] = 0
+    interleaved = torch.stack([context_lens, torch.full_like(context_lens, 99)], dim=1)  # (num_seqs, 2)
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, interleaved[:, 0], num_splits=num_splits)
+    assert (out[1] == 0).all()
+    keep = torch.tensor([0, 2], device=DEVICE)
+    assert_matches_float64(out[keep], q[keep], k_cache, v_cache, block_tables[keep], context_lens[keep])
+    reference = paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-5)
+
+
 def test_auto_num_splits_policy():
     policy = SplitPolicy(programs_per_sm=2, min_tokens_per_split=256, max_splits=32)
     # A full batch already gives every SM two programs: no split.
@@ -162,7 +178,8 @@ def test_automatic_splits_on_a_long_context_match_float64():
     assert_matches_float64(paged_decode_attention(*case), *case)
 
 
-def test_write_kv_round_trip_and_skipped_slots():
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_write_kv_round_trip_and_skipped_slots(use_kernel):
     generator = torch.Generator().manual_seed(0)
     num_blocks, block_size, num_kv_heads, head_dim = 6, 4, 2, 8
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator).to(DEVICE)
@@ -172,7 +189,7 @@ def test_write_kv_round_trip_and_skipped_slots():
     slots[[1, 4, 7]] = -1
     k = torch.randn(10, num_kv_heads, head_dim, generator=generator).to(DEVICE)
     v = torch.randn(10, num_kv_heads, head_dim, generator=generator).to(DEVICE)
-    write_kv(k_cache, v_cache, k, v, slots.to(DEVICE))
+    write_kv(k_cache, v_cache, k, v, slots.to(DEVICE), use_kernel=use_kernel)
     expected_k, expected_v = k_before.clone(), v_before.clone()
     for token, slot in enumerate(slots.tolist()):
         if slot >= 0:  # spelled out as (block, offset) rather than the flat slot the function uses
@@ -250,7 +267,7 @@ BAD_INPUTS = {
     "float lengths": (lambda a: dict(context_lens=a["context_lens"].float()), "context_lens", True),
     "bad num_splits": (lambda a: dict(num_splits=0), "num_splits", True),
     "bad out": (lambda a: dict(out=torch.empty_like(a["q"]).half()), "out is", True),
-    "zero length": (lambda a: dict(context_lens=lengths(0, 9)), "need 1 <= length", False),
+    "negative length": (lambda a: dict(context_lens=lengths(-1, 9)), "need 0 <= length", False),
     "too long": (lambda a: dict(context_lens=lengths(5, 17)), "<= 16", False),
     "bad block id": (lambda a: dict(block_tables=a["block_tables"].index_fill(1, FIRST_COLUMN, 99)), "block ids",
                      False),
@@ -266,3 +283,12 @@ def test_rejects_bad_input(name):
     args.update(spoil(args))
     with pytest.raises(ValueError, match=message):
         paged_decode_attention(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_sizes_match_float64(dtype):
+    # 32 decoding sequences of up to 4k tokens, Llama-like heads (32 on 8 kv heads, D = 128), blocks of 16.
+    lengths = torch.randint(1, 4096, (32,), generator=torch.Generator().manual_seed(10)).tolist()
+    case = make_case(10, lengths, num_kv_heads=8, group_size=4, head_dim=128, block_size=16, dtype=dtype)
+    assert_matches_float64(paged_decode_attention(*case), *case)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from nanostack.sampling import SamplingParams, filtered_logits, make_generator, sample, token_logprobs
+from nanostack.sampling import (SamplingParams, adjusted_logits, filtered_logits, make_generator, sample,
+                                token_logprobs)
 
 # Upper 0.1% points of the chi-square distribution by degrees of freedom (standard tables): a correct
 # sampler fails a test at a fixed seed with probability 1e-3, and the seeds are fixed, so the result is stable.
@@ -175,3 +176,52 @@ def test_sample_rejects_mismatched_batch():
     with pytest.raises(ValueError, match="one params"):
         sample(torch.zeros(2, 5), [SamplingParams()], [None, None])
     assert SamplingParams(stop="###").stop == ["###"]
+
+
+def naive_adjusted(logits: list[float], params: SamplingParams, token_ids: list[int], num_prompt: int) -> list[float]:
+    """float64, token by token: logit bias, then the repetition penalty over prompt and output, then the presence and
+    frequency penalties over the output."""
+    scores = [float(x) for x in logits]
+    for token, bias in params.logit_bias.items():
+        scores[token] += bias
+    for token in set(token_ids):
+        p = params.repetition_penalty
+        scores[token] = scores[token] / p if scores[token] > 0 else scores[token] * p
+    output = token_ids[num_prompt:]
+    for token in set(output):
+        scores[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+    return scores
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.integers(0, 11), min_size=1, max_size=12), st.integers(0, 12),
+       st.dictionaries(st.integers(0, 11), st.floats(-100, 100), max_size=3), st.floats(-2, 2), st.floats(-2, 2),
+       st.sampled_from([1.0, 0.5, 1.3, 2.0]), st.integers(0, 2**31))
+def test_logit_bias_and_penalties_match_a_naive_reference(history, num_prompt, bias, presence, frequency, repetition,
+                                                          seed):
+    torch.manual_seed(seed)
+    logits = torch.randn(2, 12) * 3
+    params = SamplingParams(logit_bias=bias, presence_penalty=presence, frequency_penalty=frequency,
+                            repetition_penalty=repetition, temperature=0)
+    num_prompt = min(num_prompt, len(history))
+    allowed = torch.rand(12) < 0.5
+    allowed[history[0]] = True
+    adjusted = adjusted_logits(logits, [params, SamplingParams()], [(history, num_prompt), (history, 0)],
+                               [allowed.numpy(), None])
+    expected = torch.tensor(naive_adjusted(logits[0].tolist(), params, history, num_prompt), dtype=torch.float64)
+    expected[~allowed] = -math.inf
+    torch.testing.assert_close(adjusted[0].double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(adjusted[1], logits[1])  # a row without adjustments is left alone
+    out = sample(logits, [params, SamplingParams(temperature=0, logprobs=0)], [None, None],
+                 [(history, num_prompt), (history, 0)], [allowed.numpy(), None])
+    assert allowed[out.token_ids[0]] and out.token_ids[0] == int(expected.argmax())
+    assert out.logprobs[1] == pytest.approx(float(logits[1].log_softmax(0).max()), abs=1e-5)  # from raw logits
+
+
+def test_adjusting_params_need_histories():
+    with pytest.raises(ValueError, match="histories"):
+        sample(torch.zeros(1, 4), [SamplingParams(presence_penalty=1.0)], [None])
+    for field, value in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
+                         ("logit_bias", {1: 101})):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value})

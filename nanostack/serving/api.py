@@ -3,11 +3,17 @@
     python serve.py                # the newest checkpoint under out/ on http://127.0.0.1:8000
     curl localhost:8000/v1/completions -d '{"prompt": "def fib(", "max_tokens": 32, "temperature": 0}'
 
-Routes: /v1/models, /v1/completions and /v1/chat/completions in the shapes of the OpenAI API (streamed as
-server-sent events, one `data: {json}\\n\\n` per chunk and a final `data: [DONE]`), /tokenize, /detokenize and
-/tokenizer_info in vLLM's shapes, /health, /metrics (Prometheus text, metrics.py) and / (a one-file chat page).
-protocol.py holds the wire format: errors as JSON in OpenAI's shape `{"error": {"message", "type", "param",
-"code"}}`, strict body parsing (a lone surrogate anywhere is a 400 naming the field), the event-stream writer.
+Routes: /v1/models, /v1/completions, /v1/chat/completions and /v1/embeddings in the shapes of the OpenAI API
+(streamed as server-sent events, one `data: {json}\\n\\n` per chunk and a final `data: [DONE]`), /tokenize,
+/detokenize and /tokenizer_info in vLLM's shapes, /health, /metrics (Prometheus text, metrics.py) and / (a one-file
+chat page). protocol.py holds the wire format: errors as JSON in OpenAI's shape `{"error": {"message", "type",
+"param", "code"}}`, strict body parsing (a lone surrogate anywhere is a 400 naming the field), the event-stream
+writer; openai_requests.py reads request bodies (every field implemented or refused by name).
+
+Structured outputs and tools. A request's output constraint (response_format, structured_outputs, a required tool
+call) is compiled by openai_requests.ConstraintCache and masks the tokens of each engine step; tool calls are parsed
+out of the finished reply (tools.py), a stream holding text back from where a call may begin. Embeddings
+(embeddings.py) run the model's plain forward on a worker thread, one request at a time.
 
 Threads. The engine is synchronous, so it runs on one thread of its own (`EngineLoop` in engine_loop.py), stepping
 while there is work and sleeping on its command queue otherwise; nothing else touches it. Handlers on the asyncio
@@ -34,6 +40,7 @@ template) and finds the special ids by sending their text to /tokenize, which th
 ("<|eos|>") as the special token, as vLLM's does; the text of a completion or chat request never becomes one.
 """
 import asyncio
+import base64
 import codecs
 import dataclasses
 import hmac
@@ -46,16 +53,21 @@ from pathlib import Path
 from aiohttp import web
 
 from nanostack.sampling import SamplingParams
+from nanostack.serving.embeddings import POOLINGS, embed
 from nanostack.serving.engine import Engine, RequestOutput
 from nanostack.serving.engine_loop import EngineLoop
 from nanostack.serving.metrics import Metrics
-from nanostack.serving.protocol import ApiError, get_field, is_int, parse_json_body, short, write_event_stream
+from nanostack.serving.openai_requests import (CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, ConstraintCache,
+                                               Prompt, Tools, chat_messages, chat_tools, check_fields, constraint_spec,
+                                               sampling_params, text_prompts, token_ids)
+from nanostack.serving.protocol import ApiError, get_field, parse_json_body, write_event_stream
+from nanostack.serving.tools import parse_tool_calls, streamable_length
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 # Shutdown after shutdown_timeout, in seconds: aborted requests report back (the engine ends its current step first),
 # handlers write their last event (aiohttp waits up to twice this), the engine thread ends.
 ABORT_GRACE, HANDLER_GRACE, ENGINE_STOP_GRACE = 1.0, 0.25, 0.25
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CONSTRAINT_CACHE_SIZE = 64                 # compiled output constraints kept (with their token masks)
 log = logging.getLogger("nanostack.api")
 
 
@@ -70,20 +82,15 @@ class ServerConfig:
     max_logprobs: int = 20                 # alternatives per token (logprobs, top_logprobs) at most
     max_stop: int = 16                     # stop strings per request at most (each is checked after every token)
     shutdown_timeout: float = 30.0         # seconds a shutdown waits for requests in flight before aborting them
+    pooling: str = ""                      # embeddings: mean or last (token); empty: the model's own (serve.py reads it)
 
     def __post_init__(self):
+        if self.pooling not in ("", *POOLINGS):
+            raise ValueError(f"pooling must be one of {POOLINGS} (or empty: the model's own), got {self.pooling!r}")
         for name, low in (("max_body_bytes", 1), ("max_n", 1), ("max_waiting", 0), ("max_logprobs", 0),
                           ("max_stop", 0), ("shutdown_timeout", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-
-
-@dataclass
-class Prompt:
-    """One prompt: its token ids, the text echoed for it, and whether we put a bos token before that text."""
-    ids: list[int]
-    text: str
-    bos_added: bool = False
 
 
 @dataclass
@@ -96,7 +103,7 @@ class Choice:
     decoder: codecs.IncrementalDecoder = dataclasses.field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     started: bool = False                  # an output has arrived (the echoed prompt rides on the first)
-    num_chars: int = 0                     # characters decoded so far (echoed prompt included): the next text_offset
+    num_chars: int = 0                     # characters sent so far (echoed prompt included): the next text_offset
     text: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -168,6 +175,8 @@ class Server:
         self.idle = asyncio.Event()
         self.draining = False
         self.created = int(time.time())
+        self.constraints = ConstraintCache(self.tokenizer, engine.model.config.vocab_size, CONSTRAINT_CACHE_SIZE)
+        self.embedding_lock = asyncio.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -243,71 +252,16 @@ class Server:
                                 f"'{self.config.served_model_name}'", param="model", code="model_not_found")
         return body
 
-    def _token_ids(self, value, param: str) -> list[int]:
-        vocab = self.tokenizer.vocab_size
-        if not isinstance(value, list) or not value or not all(is_int(t) and 0 <= t < vocab for t in value):
-            raise ApiError(400, f"'{param}' must be a non-empty list of token ids in [0, {vocab}), got "
-                                f"{short(value)}", param=param)
-        return value
-
-    def _prompts(self, body: dict) -> list[Prompt]:
-        """The completion prompts: a string, a list of strings, a list of token ids, or a list of such lists."""
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt:
-            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                                f"token-id lists, got {short(prompt)}", param="prompt")
-        prompts = []
-        for item in prompt:
-            if isinstance(item, str):
-                bos = self.tokenizer.bos_prefix
-                prompts.append(Prompt(bos + self.tokenizer.encode(item), item, bos_added=bool(bos)))
-            else:
-                ids = self._token_ids(item, "prompt")
-                prompts.append(Prompt(ids, self.tokenizer.decode(ids)))
-        return prompts
-
-    def _chat_prompt(self, body: dict) -> Prompt:
-        """The messages rendered with the tokenizer's chat template, ending in the assistant's generation prompt."""
-        messages = get_field(body, "messages", list)
-        if not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-        rendered = []
-        for i, message in enumerate(messages):
-            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (None, None)
-            if isinstance(content, list):  # content parts: only text ones exist for this model
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}",
-                                   param="messages")
-                content = "".join(part["text"] for part in content)
-            if role not in ROLES or not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}] must have a role in {sorted(ROLES)} and string content, got "
-                                    f"{short(message)}", param="messages")
-            rendered.append({"role": ROLES[role], "content": content})
+    def _chat_prompt(self, body: dict, tools: Tools) -> Prompt:
+        """The messages (and tools) rendered with the chat template, ending in the assistant's generation prompt."""
         try:
-            return Prompt(self.tokenizer.render_prompt(rendered), "")
-        except ValueError as error:  # the template refuses the conversation (raise_exception), or there is none
-            raise ApiError(400, f"messages: {error}", param="messages") from None
+            return Prompt(self.tokenizer.render_prompt(chat_messages(body), tools.definitions), "")
+        except ValueError as error:  # the template refused the conversation
+            raise ApiError(400, str(error), param="messages") from None
 
     def _sampling(self, body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None):
-        """SamplingParams from the OpenAI fields (and vLLM's top_k, min_p, ignore_eos)."""
-        stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and (not isinstance(stop, list) or len(stop) > self.config.max_stop
-                                 or not all(isinstance(s, str) and s for s in stop)):
-            raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {self.config.max_stop} "
-                                f"of them, got {short(body.get('stop'))}", param="stop")
-        try:
-            return SamplingParams(
-                max_tokens=max_tokens, temperature=get_field(body, "temperature", float, 1.0, 0.0),
-                top_p=get_field(body, "top_p", float, 1.0), top_k=get_field(body, "top_k", int, 0),
-                min_p=get_field(body, "min_p", float, 0.0), seed=get_field(body, "seed", int, None, -2**63, 2**63 - 1),
-                stop=stop or [], ignore_eos=get_field(body, "ignore_eos", bool, False),
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs)
-        except ValueError as error:
-            raise ApiError(400, str(error)) from None
+        return sampling_params(body, max_tokens, logprobs, prompt_logprobs, self.config.max_stop,
+                               self.tokenizer.vocab_size)
 
     def _check_fits(self, prompt: Prompt, max_tokens: int) -> None:
         needed = len(prompt.ids) + max_tokens
@@ -360,13 +314,15 @@ class Server:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
         body = await self._json_body(request)
+        check_fields(body, COMPLETION_FIELDS)
         echo = get_field(body, "echo", bool, False)
         logprobs = get_field(body, "logprobs", int, None, 0, self.config.max_logprobs)
         max_tokens = get_field(body, "max_tokens", int, 16, 0 if echo else 1)
         n = get_field(body, "n", int, 1, 1, self.config.max_n)
         stream, include_usage = self._stream_options(body)
-        prompts = self._prompts(body)
+        prompts = text_prompts(body, "prompt", self.tokenizer)
         params = self._sampling(body, max(max_tokens, 1), logprobs, logprobs if echo and logprobs is not None else None)
+        await self.constraints.constrain(params, constraint_spec(body, Tools()))
         for prompt in prompts:
             self._check_fits(prompt, max(max_tokens, 1))
         response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -436,7 +392,9 @@ class Server:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/chat/completions."""
         body = await self._json_body(request)
-        prompt = self._chat_prompt(body)
+        check_fields(body, CHAT_FIELDS)
+        tools = chat_tools(body)
+        prompt = self._chat_prompt(body, tools)
         want_logprobs = get_field(body, "logprobs", bool, False)
         top_logprobs = get_field(body, "top_logprobs", int, None, 0, self.config.max_logprobs)
         if top_logprobs is not None and not want_logprobs:
@@ -447,6 +405,7 @@ class Server:
         n = get_field(body, "n", int, 1, 1, self.config.max_n)
         stream, include_usage = self._stream_options(body)
         params = self._sampling(body, max_tokens, (top_logprobs or 0) if want_logprobs else None, None)
+        await self.constraints.constrain(params, constraint_spec(body, tools))
         self._check_fits(prompt, max_tokens)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = self._choices(response_id, [prompt], n, params)
@@ -471,15 +430,36 @@ class Server:
             choice.logprobs += entries
             return entries
 
+        def message(choice: Choice) -> tuple[str | None, list[dict]]:
+            """A finished choice's content and tool calls (OpenAI's shape, JSON arguments)."""
+            if tools.choice == "none":
+                return choice.text, []
+            content, calls = parse_tool_calls(choice.text, tools.functions)
+            if calls and choice.finish_reason == "stop":
+                choice.finish_reason = "tool_calls"
+            return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
+                             for call in calls]
+
         async def chunks(submission: Submission):
             usage = {"usage": None} if include_usage else {}
             yield {**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None} for c in choices], **usage}
             async for choice, output in submission.outputs():
-                entries = record(choice, output)
-                if output.text or entries or output.finished:
+                entries, delta = record(choice, output), {}
+                if tools.choice == "none":
+                    visible = choice.text
+                elif output.finished:  # the held-back text becomes content or calls
+                    visible, calls = message(choice)
+                    visible = visible or ""
+                    if calls:
+                        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+                else:
+                    visible = choice.text[:streamable_length(choice.text)]
+                if len(visible) > choice.num_chars:
+                    delta["content"], choice.num_chars = visible[choice.num_chars:], len(visible)
+                if delta or entries or output.finished:
                     yield {**head, "choices": [{
-                        "index": choice.index, "delta": {"content": output.text} if output.text else {},
+                        "index": choice.index, "delta": delta,
                         "logprobs": {"content": entries, "refusal": None} if want_logprobs else None,
                         "finish_reason": choice.finish_reason}], **usage}
             if include_usage:
@@ -493,10 +473,41 @@ class Server:
                 record(choice, output)
         finally:
             submission.close()
-        return web.json_response({**head, "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": {"content": c.logprobs, "refusal": None} if want_logprobs else None,
-             "finish_reason": c.finish_reason} for c in choices], "usage": self._usage([prompt], choices)})
+        replies = []
+        for c in choices:
+            content, calls = message(c)
+            replies.append({"index": c.index, "message": {"role": "assistant", "content": content,
+                                                          **({"tool_calls": calls} if calls else {})},
+                            "logprobs": {"content": c.logprobs, "refusal": None} if want_logprobs else None,
+                            "finish_reason": c.finish_reason})
+        return web.json_response({**head, "choices": replies, "usage": self._usage([prompt], choices)})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """POST /v1/embeddings: one L2-normalised vector per input (a string, strings, token ids or lists of them)."""
+        body = await self._json_body(request)
+        check_fields(body, EMBEDDING_FIELDS)
+        get_field(body, "user", str)
+        encoding = get_field(body, "encoding_format", str, "float")
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, f"'encoding_format' must be 'float' or 'base64', got {encoding[:20]!r}",
+                           param="encoding_format")
+        prompts = text_prompts(body, "input", self.tokenizer)
+        longest = max(len(p.ids) for p in prompts)
+        if longest > self.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {self.max_model_len} tokens, but an input has "
+                                f"{longest}", param="input", code="context_length_exceeded")
+        if self.engine.forward != self.engine.model.forward_serving:
+            raise ApiError(400, "embeddings are not served with tensor parallelism (--tp): the model is split over "
+                                "processes that only run engine steps", param="input")
+        async with self.embedding_lock:  # one at a time beside the engine thread
+            vectors = await asyncio.to_thread(embed, self.engine.model, [p.ids for p in prompts],
+                                              self.config.pooling or "mean", self.max_model_len)
+        data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(
+                    vector.numpy().astype("<f4").tobytes()).decode() if encoding == "base64" else vector.tolist()}
+                for i, vector in enumerate(vectors.cpu())]
+        tokens = sum(len(p.ids) for p in prompts)
+        return web.json_response({"object": "list", "data": data, "model": self.config.served_model_name,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def models(self, request: web.Request) -> web.Response:
         """GET /v1/models: the one model served."""
@@ -509,7 +520,7 @@ class Server:
         Special-token text in the prompt ("<|eos|>") becomes that token, as in vLLM (see the module docstring)."""
         body = await self._json_body(request)
         if "messages" in body:
-            ids = self._chat_prompt(body).ids
+            ids = self._chat_prompt(body, chat_tools(body)).ids
         else:
             prompt = get_field(body, "prompt", str)
             if prompt is None:
@@ -521,7 +532,7 @@ class Server:
     async def detokenize(self, request: web.Request) -> web.Response:
         """POST /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
         body = await self._json_body(request)
-        return web.json_response({"prompt": self.tokenizer.decode(self._token_ids(body.get("tokens"), "tokens"))})
+        return web.json_response({"prompt": self.tokenizer.decode(token_ids(body.get("tokens"), "tokens", self.tokenizer.vocab_size))})
 
     async def tokenizer_info(self, request: web.Request) -> web.Response:
         """GET /tokenizer_info: the tokenizer's settings as vLLM answers them (the fields of a tokenizer_config.json):
@@ -566,6 +577,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> web.Applic
     app.router.add_get("/v1/models", server.models)
     app.router.add_post("/v1/completions", server.completions)
     app.router.add_post("/v1/chat/completions", server.chat_completions)
+    app.router.add_post("/v1/embeddings", server.embeddings)
     app.router.add_post("/tokenize", server.tokenize)
     app.router.add_post("/detokenize", server.detokenize)
     app.router.add_get("/tokenizer_info", server.tokenizer_info)

@@ -18,7 +18,13 @@
 
 With a Speculator (speculative.py), decoding requests first get up to K draft tokens appended; the scheduler
 then schedules each such request's last token + drafts as one chunk, the forward returns logits for all of
-them, and `_accept_drafts` keeps the accepted run plus one target token and rolls the rest back.
+them, and `_accept_drafts` keeps the accepted run plus one target token and rolls the rest back. Requests whose
+logits are adjusted (logit bias, penalties, a constraint: see sampling.py) are not speculated on: the verifier
+samples from the model's plain distribution.
+
+A constrained request (params.constraint, from serving/constrained.py) keeps its automaton state in the engine:
+each step the constraint masks the tokens that cannot continue a match within the tokens the request has left,
+and the sampled token moves the state on.
 
 Text is streamed safely. Token bytes go through an incremental UTF-8 decoder, so a character whose bytes span
 two tokens is held back until it is complete (never emitted as U+FFFD); and the tail of the text that could
@@ -33,15 +39,17 @@ import itertools
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from nanostack.model import PagedBatch
-from nanostack.sampling import SamplingParams, make_generator, sample, token_logprobs
+from nanostack.sampling import SamplingParams, make_generator, sample, small_tensor, token_logprobs
 from nanostack.serving.kv_cache import BlockManager, allocate_kv_pools, kv_bytes_per_block, num_blocks_for_budget
 from nanostack.serving.scheduler import Scheduler, SchedulerConfig, Sequence
 from nanostack.serving.speculative import Proposal, SpecStats, Speculator
+from nanostack.serving.step_inputs import StepArrays
 
 
 @dataclass
@@ -54,9 +62,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024     # tokens per forward: decode tokens + chunked prefill
     max_model_len: int = 0                 # prompt + output tokens per request; 0 -> the model's max_seq_len
     enable_prefix_caching: bool = True     # reuse the K/V of full blocks shared with earlier requests
+    cuda_graphs: bool = False              # replay decode-only steps as CUDA graphs (cuda_graphs.py); CUDA only
 
 
-@dataclass
+@dataclass(slots=True)  # one per request per step: slots make them cheaper to build
 class RequestOutput:
     """What one step produced for one request: the new tokens and text, and, once finished, why."""
     request_id: str
@@ -91,7 +100,7 @@ class EngineStats:
     speculative: SpecStats | None = None   # draft/acceptance counters when the engine speculates
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     """Engine-side state of a request besides its scheduling (sampling, detokenizing, timing)."""
     seq: Sequence
@@ -99,11 +108,12 @@ class _Request:
     stop_ids: set[int]
     arrival_time: float
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    text: str = ""                         # decoded output so far, cut at a stop string once one matched
-    num_sent_chars: int = 0
+    unsent: str = ""                       # decoded text held back because a stop string may begin in it
+    stop_first_chars: frozenset = frozenset()  # text holding none of these cannot start a stop string
     first_token_time: float | None = None
     prompt_logprobs: list | None = None    # collected across prefill chunks, sent with the first token
     prompt_logprobs_sent: bool = False
+    constraint_state: int = 0              # the automaton state of a constrained request
 
 
 class Engine:
@@ -124,6 +134,7 @@ class Engine:
                              f"{model.config.max_seq_len}] (0 = the model's)")
         if config.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {config.block_size}")
+        self.max_model_len = max_len
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
             BlockManager(self._num_blocks(max_len), config.block_size, config.enable_prefix_caching))
@@ -133,7 +144,19 @@ class Engine:
         self.speculator = speculator
         if speculator is not None:
             speculator.check_target(model.config, max_len)
+        self.graphs = None
+        if config.cuda_graphs:
+            if self.device.type != "cuda":
+                warnings.warn(f"cuda_graphs is ignored on {self.device}: CUDA graphs need a CUDA device", stacklevel=2)
+            elif forward is not None:
+                raise ValueError("cuda_graphs needs the engine's own model forward; an engine given `forward` "
+                                 "(tensor parallelism) runs eagerly: turn cuda_graphs off")
+            else:
+                from nanostack.serving.cuda_graphs import DecodeGraphs
+                self.graphs = DecodeGraphs(model, self.k_pools, self.v_pools, config.max_num_seqs,
+                                           self.blocks.blocks_for(max_len))
         self.requests: dict[str, _Request] = {}
+        self.token_bytes: dict[int, bytes] = {}  # each sampled token id's bytes, decoded once
         self.pending_outputs: list[RequestOutput] = []  # aborts and refusals, reported by the next step
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -184,6 +207,9 @@ class Engine:
                              f"{[t for t in prompt_token_ids if not 0 <= t < vocab][:5]}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"request {request_id!r}: stop strings {params.stop} need an engine with a tokenizer")
+        if params.constraint is not None and params.ignore_eos:
+            raise ValueError(f"request {request_id!r}: ignore_eos cannot be combined with a constraint, which ends "
+                             f"its output with a stop token")
         stop_ids = set(params.stop_token_ids)
         if self.tokenizer is not None and not params.ignore_eos:
             stop_ids |= self.tokenizer.stop_ids
@@ -191,6 +217,7 @@ class Engine:
                        reuse_prefix_cache=params.prompt_logprobs is None)
         request = _Request(seq, make_generator(params.seed, self.device), stop_ids,
                            time.monotonic() if arrival_time is None else arrival_time,
+                           stop_first_chars=frozenset(s[0] for s in params.stop),
                            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         error = self.scheduler.add(seq)
         if error:
@@ -240,17 +267,19 @@ class Engine:
             self._fit_proposals(chunks, proposals)
         if not chunks:
             return outputs
-        # Prefill chunks first, then single tokens: the two attention paths each take one contiguous slice.
-        chunks.sort(key=lambda c: c.num_tokens == 1)
-        token_ids, batch, sample_rows, prompt_rows, draft_rows = self._prepare(chunks, proposals)
-        self.num_step_tokens = len(token_ids)
-        logits = self.forward(token_ids, batch, self.k_pools, self.v_pools)  # (rows, vocab)
+        if any(chunk.num_tokens > 1 for chunk in chunks):
+            # Prefill chunks first, then single tokens: the two attention paths each take one contiguous slice.
+            chunks.sort(key=lambda c: c.num_tokens == 1)
+        arrays, sample_rows, prompt_rows, draft_rows = self._prepare(chunks, proposals)
+        self.num_step_tokens = len(arrays.token_ids)
+        logits = self._forward(arrays)  # (rows, vocab)
 
         for chunk in chunks:
-            if chunk.seq.request_id in proposals:  # computed length and caching wait for the acceptance
+            seq = chunk.seq
+            if proposals and seq.request_id in proposals:  # computed length and caching wait for the acceptance
                 continue
-            chunk.seq.num_computed_tokens += chunk.num_tokens
-            self.blocks.cache_full_blocks(chunk.seq.request_id, chunk.seq.token_ids, chunk.seq.num_computed_tokens)
+            seq.num_computed_tokens += chunk.num_tokens
+            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         if prompt_rows:
             self._record_prompt_logprobs(logits, prompt_rows)
         now = time.monotonic()
@@ -261,62 +290,94 @@ class Engine:
         if not sample_rows:
             return outputs
         requests = [self.requests[chunk.seq.request_id] for chunk, _ in sample_rows]
-        sampled = sample(logits[[row for _, row in sample_rows]], [r.seq.params for r in requests],
-                         [r.generator for r in requests])
-        for i, request in enumerate(requests):
-            outputs.append(self._append_token(request, sampled.token_ids[i], sampled.logprobs[i],
-                                              sampled.top_logprobs[i], now))
+        rows = [row for _, row in sample_rows]
+        # The rows increase, so as many rows as logits means all of them in order (every plain decode step).
+        sample_logits = logits if len(rows) == logits.shape[0] else logits[small_tensor(rows, logits.device)]
+        allowed = None
+        if any(r.seq.params.constraint is not None for r in requests):
+            allowed = [self._allowed_tokens(r) for r in requests]
+        sampled = sample(sample_logits, [r.seq.params for r in requests], [r.generator for r in requests],
+                         [(r.seq.token_ids, r.seq.num_prompt_tokens) for r in requests], allowed)
+        for request, token, logprob, top in zip(requests, sampled.token_ids, sampled.logprobs, sampled.top_logprobs):
+            if request.seq.params.constraint is not None:
+                request.constraint_state = request.seq.params.constraint.advance(request.constraint_state, token)
+            outputs.append(self._append_token(request, token, logprob, top, now))
         return outputs
 
-    def _prepare(self, chunks, proposals):
-        """Flatten the chunks into one token row plus the PagedBatch that locates it in the KV pools.
+    def _forward(self, arrays: StepArrays) -> torch.Tensor:
+        """The step's logits rows: a CUDA graph replay for a decode-only step one fits, else the eager forward."""
+        if self.graphs is not None and (logits := self.graphs.replay(arrays)) is not None:
+            return logits
+        token_ids, batch = arrays.unpack(arrays.to_device(self.device))
+        return self.forward(token_ids, batch, self.k_pools, self.v_pools)
 
-        Returns (token_ids, batch, sample_rows [(chunk, logits row)], prompt_rows [(request, logits row, target
-        prompt index)], draft_rows [(chunk, first of its K+1 logits rows)])."""
-        token_ids, positions, slots = [], [], []
-        cu_q, cu_k, key_slots = [0], [0], []
-        block_tables, context_lens = [], []
+    def _prepare(self, chunks, proposals):
+        """Flatten the chunks into one token row and locate it in the KV pools: a StepArrays (step_inputs.py).
+
+        Per chunk only a few list appends happen here; slots and block tables come from whole-array numpy over
+        the block manager's table_array. Returns (arrays, sample_rows [(chunk, logits row)], prompt_rows
+        [(request, logits row, target prompt index)], draft_rows [(chunk, first of its K+1 logits rows)])."""
+        table_rows = self.blocks.table_rows
+        token_ids, positions, rows = [], [], []  # per token: id, position, its sequence's row of the table array
+        cu_q, cu_k, key_positions, key_rows = [0], [0], [], []  # prefill chunks, and the keys each one reads
         logits_indices, sample_rows, prompt_rows, draft_rows = [], [], [], []
         for chunk in chunks:
-            seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
-            offset = len(token_ids)
-            token_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += self.blocks.slot_mapping(seq.request_id, start, end)
-            if chunk.num_tokens > 1:
-                cu_q.append(cu_q[-1] + chunk.num_tokens)
-                cu_k.append(cu_k[-1] + end)
-                key_slots += self.blocks.slot_mapping(seq.request_id, 0, end)
+            seq, start, num_tokens = chunk.seq, chunk.start, chunk.num_tokens
+            end, row, offset = start + num_tokens, table_rows[seq.request_id], len(token_ids)
+            if num_tokens == 1:  # most chunks: a decoding request's one token
+                token_ids.append(seq.token_ids[start])
+                positions.append(start)
+                rows.append(row)
             else:
-                block_tables.append(self.blocks.block_tables[seq.request_id])
-                context_lens.append(end)
-            request = self.requests[seq.request_id]
-            if request.prompt_logprobs is not None and len(request.prompt_logprobs) < seq.num_prompt_tokens:
+                token_ids += seq.token_ids[start:end]
+                positions += range(start, end)
+                rows += [row] * num_tokens
+                cu_q.append(cu_q[-1] + num_tokens)
+                cu_k.append(cu_k[-1] + end)
+                key_positions += range(end)
+                key_rows += [row] * end
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                request = self.requests[seq.request_id]
                 # Logits at position p score prompt token p + 1; take the ones not recorded yet.
                 for p in range(max(start, len(request.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)):
                     prompt_rows.append((request, len(logits_indices), p + 1))
                     logits_indices.append(offset + p - start)
-            if seq.request_id in proposals:  # the last real token and every draft token are scored
+            if proposals and seq.request_id in proposals:  # the last real token and every draft token are scored
                 draft_rows.append((chunk, len(logits_indices)))
                 num_drafts = len(proposals[seq.request_id].tokens)
-                logits_indices += range(offset + chunk.num_tokens - 1 - num_drafts, offset + chunk.num_tokens)
-            elif chunk.samples:
+                logits_indices += range(offset + num_tokens - 1 - num_drafts, offset + num_tokens)
+            elif end == len(seq.token_ids):  # the chunk reaches the last token: its logits give the next one
                 sample_rows.append((chunk, len(logits_indices)))
-                logits_indices.append(offset + chunk.num_tokens - 1)
-        max_blocks = max((len(t) for t in block_tables), default=0)
+                logits_indices.append(offset + num_tokens - 1)
 
-        def as_tensor(values, dtype=torch.int32):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-        batch = PagedBatch(
-            positions=as_tensor(positions, torch.long), slot_mapping=as_tensor(slots, torch.long),
-            num_prefill_tokens=cu_q[-1], cu_seqlens_q=as_tensor(cu_q), cu_seqlens_k=as_tensor(cu_k),
-            max_seqlen_q=max(b - a for a, b in zip(cu_q, cu_q[1:])) if len(cu_q) > 1 else 0,
-            max_seqlen_k=max(b - a for a, b in zip(cu_k, cu_k[1:])) if len(cu_k) > 1 else 0,
-            prefill_key_slots=as_tensor(key_slots, torch.long),
-            decode_block_tables=as_tensor([t + [0] * (max_blocks - len(t)) for t in block_tables]
-                                          ).reshape(len(block_tables), max_blocks),
-            decode_context_lens=as_tensor(context_lens), logits_indices=as_tensor(logits_indices, torch.long))
-        return as_tensor(token_ids, torch.long), batch, sample_rows, prompt_rows, draft_rows
+        table, block_size = self.blocks.table_array, self.config.block_size
+        def as_array(values):
+            return np.array(values, dtype=np.int32)
+        def slots(positions, rows):  # block id * block_size + offset in the block
+            return table[rows, positions // block_size] * block_size + positions % block_size
+        num_prefill = cu_q[-1]
+        positions, rows, key_positions = as_array(positions), as_array(rows), as_array(key_positions)
+        decode_positions = positions[num_prefill:]
+        table_width = int(decode_positions.max()) // block_size + 1 if len(decode_positions) else 0
+        arrays = StepArrays(
+            token_ids=as_array(token_ids), positions=positions, slot_mapping=slots(positions, rows),
+            cu_seqlens_q=as_array(cu_q), cu_seqlens_k=as_array(cu_k),
+            prefill_key_slots=slots(key_positions, as_array(key_rows)),
+            decode_block_tables=table[rows[num_prefill:], :table_width], decode_context_lens=decode_positions + 1,
+            logits_indices=as_array(logits_indices), num_prefill_tokens=num_prefill,
+            max_seqlen_q=max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0),
+            max_seqlen_k=max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0))
+        return arrays, sample_rows, prompt_rows, draft_rows
+
+    def _allowed_tokens(self, request: _Request):
+        """A constrained request's allowed next tokens (None if unconstrained): those whose match can still finish
+        within the tokens it has left (max_tokens and the context)."""
+        seq = request.seq
+        if seq.params.constraint is None:
+            return None
+        budget = min(seq.params.max_tokens - seq.num_output_tokens,
+                     self.scheduler.config.max_model_len - len(seq.token_ids))
+        return seq.params.constraint.allowed(request.constraint_state, budget, request.stop_ids)
 
     def _record_prompt_logprobs(self, logits, prompt_rows) -> None:
         """Score the prompt tokens these logits predict: {token: logprob} with the request's top alternatives."""
@@ -337,7 +398,7 @@ class Engine:
         self.speculator.retain({s.request_id for s in running})
         if not running or not self.speculator.enabled(len(running)):
             return {}
-        decoding = [s for s in running if s.num_computed_tokens == len(s.token_ids) - 1]
+        decoding = [s for s in running if s.num_computed_tokens == len(s.token_ids) - 1 and not s.params.adjusts_logits]
         # Leave every running request at least its one token of the step's budget.
         per_seq = (self.scheduler.config.max_num_batched_tokens - len(running)) // max(len(decoding), 1)
         max_len = self.scheduler.config.max_model_len
@@ -400,48 +461,60 @@ class Engine:
         seq, params = request.seq, request.seq.params
         seq.token_ids.append(token)
         self.generation_tokens_total += 1
-        request.first_token_time = request.first_token_time or now
-        finish_reason, stop_string_found = None, False
+        if request.first_token_time is None:
+            request.first_token_time = now
+        text, finish_reason, stop_string_found = "", None, False
         if token in request.stop_ids:
             finish_reason = "stop"  # the stop token's own text is not part of the output
         elif self.tokenizer is not None:
-            old_len = len(request.text)
-            # A model may have more rows than the tokenizer has tokens (padded vocab); those ids have no text.
-            token_bytes = self.tokenizer.decode_bytes([token]) if token < self.tokenizer.vocab_size else b""
-            request.text += request.decoder.decode(token_bytes)
-            stop_string_found = bool(params.stop) and self._cut_at_stop_string(request, old_len)
-            finish_reason = "stop" if stop_string_found else None
+            token_bytes = self.token_bytes.get(token)
+            if token_bytes is None:
+                # A model may have more rows than the tokenizer has tokens (padded vocab); those ids have no text.
+                token_bytes = self.tokenizer.decode_bytes([token]) if token < self.tokenizer.vocab_size else b""
+                self.token_bytes[token] = token_bytes
+            text = request.decoder.decode(token_bytes)
+            if params.stop:
+                text, stop_string_found = self._hold_back_stop_strings(request, text)
+                finish_reason = "stop" if stop_string_found else None
+        if finish_reason is None and params.constraint is not None and params.constraint.complete(
+                request.constraint_state):
+            finish_reason = "stop"  # the output is a whole match that no token can extend
         if finish_reason is None and (seq.num_output_tokens >= params.max_tokens
-                                      or len(seq.token_ids) >= self.scheduler.config.max_model_len):
+                                      or len(seq.token_ids) >= self.max_model_len):
             finish_reason = "length"
         if finish_reason is not None:
-            if not stop_string_found:  # (after a stop string, everything held back is cut anyway)
-                request.text += request.decoder.decode(b"", final=True)  # an unfinished character becomes U+FFFD
-            end = len(request.text)
+            if not stop_string_found:  # what was held back goes out; an unfinished character becomes U+FFFD
+                text += request.unsent + request.decoder.decode(b"", final=True)
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
-        else:
-            end = len(request.text) - self._stop_prefix_len(request.text, params.stop)
-        delta = request.text[request.num_sent_chars:max(end, request.num_sent_chars)]
-        request.num_sent_chars += len(delta)
-        return self._output(request, [token], delta, finish_reason=finish_reason, token_time=now,
+        return self._output(request, [token], text, finish_reason=finish_reason, token_time=now,
                             logprobs=None if logprob is None else [logprob],
                             top_logprobs=None if top_logprobs is None else [top_logprobs])
 
-    @staticmethod
-    def _cut_at_stop_string(request: _Request, old_len: int) -> bool:
-        """If a stop string now occurs in the text, cut the text where the earliest one starts."""
+    def _hold_back_stop_strings(self, request: _Request, new_text: str) -> tuple[str, bool]:
+        """The part of the unsent text + new_text that can go out now, and whether a stop string matched.
+
+        A stop string that matches now starts inside that text: text before it went out only once no stop
+        string could begin there. After a match the text is cut where the earliest stop string starts; otherwise
+        its longest end that begins some stop string is held back (it may still become one)."""
         stops = request.seq.params.stop
-        search_from = max(0, old_len - max(len(s) for s in stops) + 1)  # any match ends in the new characters
-        found = [i for i in (request.text.find(s, search_from) for s in stops) if i >= 0]
+        text = request.unsent + new_text
+        if request.stop_first_chars.isdisjoint(text):  # the common case: no stop string can start in the text
+            request.unsent = ""
+            return text, False
+        search_from = max(0, len(request.unsent) - max(len(s) for s in stops) + 1)  # a match ends in new_text
+        found = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
         if found:
-            request.text = request.text[:min(found)]
-        return bool(found)
+            request.unsent = ""
+            return text[:min(found)], True
+        held = self._stop_prefix_len(text, stops)
+        request.unsent = text[len(text) - held:]
+        return text[:len(text) - held], False
 
     @staticmethod
     def _stop_prefix_len(text: str, stops: list[str]) -> int:
         """Length of the longest end of text that begins some stop string (it must be held back)."""
-        for length in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        for length in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
             if any(s.startswith(text[-length:]) for s in stops):
                 return length
         return 0

@@ -21,6 +21,10 @@ of recomputing it; the shared blocks are full and never written again, so no cop
 the last reference to a cached block goes away the block is free, yet keeps its contents and stays findable,
 in least-recently-used order, until an allocation needs its memory and evicts it.
 
+Block tables live twice: as a list per sequence (what the allocator reasons with) and as rows of one array,
+`table_array` (row `table_rows[seq_id]`), updated whenever a table grows, so that the engine gathers a step's
+tables with one indexing operation instead of building a Python list per sequence per step.
+
 Counters: `prefix_queries` and `prefix_hits` are in tokens: every sequence admitted with a lookup adds its token
 count to the queries and its reused tokens to the hits (a recomputed, preempted sequence is looked up again).
 """
@@ -29,6 +33,7 @@ import math
 from array import array
 from collections import OrderedDict, deque
 
+import numpy as np
 import torch
 
 
@@ -77,6 +82,9 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()         # free cached blocks, least recently used first
         self.block_tables: dict[object, list[int]] = {}
         self.hash_chains: dict[object, list[bytes]] = {}               # hashes of each sequence's leading full blocks
+        self.table_array = np.zeros((8, 8), dtype=np.int32)           # row r: a table's block ids (grows on demand)
+        self.table_rows: dict[object, int] = {}                        # seq_id -> its row in table_array
+        self.free_rows = list(range(8))
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -127,7 +135,9 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self.evictable[block]
             self.ref_counts[block] += 1
-        self.block_tables[seq_id] = list(prefix)
+        self.block_tables[seq_id] = []
+        self.table_rows[seq_id] = self._take_row()
+        self._extend_table(seq_id, prefix)
         self.hash_chains[seq_id] = hashes
         self.allocate(seq_id, num_tokens)
         if use_prefix_cache and self.enable_prefix_caching:
@@ -137,13 +147,32 @@ class BlockManager:
 
     def allocate(self, seq_id, num_tokens: int) -> bool:
         """Grow a sequence's block table to hold num_tokens positions; False (nothing changes) if blocks run out."""
-        table = self.block_tables[seq_id]
-        missing = self.blocks_for(num_tokens) - len(table)
+        missing = -(-num_tokens // self.block_size) - len(self.block_tables[seq_id])  # ceil: called per token
+        if missing <= 0:
+            return True
         if missing > self.num_free_blocks:
             return False
-        for _ in range(missing):
-            table.append(self._take_free_block())
+        self._extend_table(seq_id, [self._take_free_block() for _ in range(missing)])
         return True
+
+    def _extend_table(self, seq_id, blocks: list[int]) -> None:
+        """Append blocks to a sequence's table, in its list and in its row of table_array."""
+        table, row = self.block_tables[seq_id], self.table_rows[seq_id]
+        start = len(table)
+        table += blocks
+        if len(table) > self.table_array.shape[1]:  # widen to the next power of two
+            wider = np.zeros((self.table_array.shape[0], 1 << (len(table) - 1).bit_length()), dtype=np.int32)
+            wider[:, :self.table_array.shape[1]] = self.table_array
+            self.table_array = wider
+        self.table_array[row, start:len(table)] = blocks
+
+    def _take_row(self) -> int:
+        """A free row of table_array, doubling its rows when none is left."""
+        if not self.free_rows:
+            rows = self.table_array.shape[0]
+            self.table_array = np.concatenate([self.table_array, np.zeros_like(self.table_array)])
+            self.free_rows = list(range(rows, 2 * rows))
+        return self.free_rows.pop()
 
     def _take_free_block(self) -> int:
         """An empty block if there is one, else the least recently used cached block, evicted."""
@@ -182,6 +211,8 @@ class BlockManager:
     def free(self, seq_id) -> None:
         """Drop a sequence's references (a no-op for one holding none); cached blocks stay findable until evicted."""
         self.hash_chains.pop(seq_id, None)
+        if seq_id in self.table_rows:
+            self.free_rows.append(self.table_rows.pop(seq_id))
         self._release(self.block_tables.pop(seq_id, []))
 
     def truncate(self, seq_id, num_tokens: int) -> None:
@@ -201,8 +232,3 @@ class BlockManager:
                 self.evictable[block] = None
             else:
                 self.empty_blocks.append(block)
-
-    def slot_mapping(self, seq_id, start: int, end: int) -> list[int]:
-        """Pool slots (block_id * block_size + offset) of positions start..end-1 of a sequence."""
-        table, size = self.block_tables[seq_id], self.block_size
-        return [table[p // size] * size + p % size for p in range(start, end)]

@@ -61,17 +61,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
-@dataclass
+@dataclass(slots=True)  # one per running request per step
 class ScheduledChunk:
     """Positions start .. start + num_tokens - 1 of seq are computed in this step."""
     seq: Sequence
     start: int
     num_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """True when the chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.start + self.num_tokens == len(self.seq.token_ids)
 
 
 @dataclass

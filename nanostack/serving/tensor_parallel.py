@@ -25,8 +25,8 @@ of W GPUs holds W times the context of one.
 Kept whole on every rank (the simpler choice): the norms, the token embedding and the LM head. The residual stream
 is replicated, so only rank 0 computes logits (the other ranks are sent no logits rows). The two tables cost
 vocab * n_embd per rank; for a Llama-3-8B shape about 1 GB per GPU in bf16, which a vocabulary-parallel head would
-split at the price of gathering the logits. Full-precision checkpoints only: an int8 model is quantized after it
-is split (`--quant`), since a row-parallel slice needs its own per-row scales.
+split at the price of gathering the logits. Full-precision checkpoints only: a quantized model is quantized after
+it is split (`--quant`), since a row-parallel slice needs its own scales.
 
 Processes. `serve.py --tp W` is rank 0: it spawns W - 1 workers (torch.multiprocessing, spawn), each loads the same
 checkpoint, keeps its shard and waits in `run_worker`. Rank 0 runs the HTTP server, scheduler and sampler as
@@ -232,7 +232,11 @@ def _worker_main(rank: int, world_size: int, port: int, spec: ModelSpec, parent_
     _join_group(rank, world_size, port, spec.device)
     loaded = load_model(spec, rank, world_size)
     run_worker(loaded["model"], next(loaded["model"].parameters()).device)
-    dist.destroy_process_group()
+    # Done after STOP: exit at once. Tearing down the interpreter (or the gloo group) here sometimes destroyed a
+    # communication thread still joinable, and C++'s std::terminate made a clean stop exit -6 (1 run in ~4).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class Workers:
