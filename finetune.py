@@ -1,4 +1,4 @@
-"""Post-train a pretrained checkpoint: supervised fine-tuning, distillation or DPO, in full or with LoRA.
+"""Post-train a pretrained checkpoint: supervised fine-tuning, distillation, DPO or GRPO, in full or with LoRA.
 
     python finetune.py                                   # SFT of out/pretrain on stdlib docstring Q&A -> out/sft
     python finetune.py --lora-rank 8                     # the same with LoRA adapters on wq and wv
@@ -7,6 +7,10 @@
     python finetune.py --lora-rank 8 --base-quant nf4        # QLoRA: adapters on a frozen 4-bit NF4 base
     python finetune.py --qat w8a8                            # quantization-aware: trained to be served in W8A8
 
+    python finetune.py --task addition --out-dir out/sft_add             # SFT on a verifiable task's answers
+    python finetune.py --mode grpo --task addition --init out/sft_add    # reinforcement learning from its reward
+    python finetune.py --mode dpo --pairs-from-task addition --init out/sft_add   # on-policy preference pairs
+
 The default data is built from the standard library's own docstrings (nanostack/chat_data.py), no
 download; `--data file.jsonl` takes OpenAI-style {"messages": [...]} lines (sft, distill) or
 {"prompt", "chosen", "rejected"} lines (dpo). Every run evaluates the model before and after training on
@@ -14,6 +18,13 @@ held-out data (assistant-token loss, 4-way multiple-choice accuracy, preference 
 and writes it to <out-dir>/eval.json. Conversations longer than --seq-len tokens keep their beginning; one cut
 before its first assistant token has nothing to learn and is dropped (a DPO pair, when either reply is cut away);
 the counts are printed. The data and every cheap flag are checked before any model loads.
+
+With --task (nanostack/tasks.py: addition, subtraction, stdlib_module) the data are a verifiable task's problems:
+SFT and distillation train on the reference answers, GRPO on the rewards of its own samples (rollouts from the
+serving Engine over the model being trained, --group-size per prompt), and DPO with --pairs-from-task on pairs of
+a rewarded and an unrewarded sample of the --init model. The evaluation then adds pass@1 (greedy) and
+pass@--pass-k (sampled) on the task's held-out problems (nanostack/evaluate.py), and for DPO and GRPO the KL
+to the reference (the --init model) on the model's own samples.
 
 What --out-dir holds:
     step_*/, latest      the fine-tuned model, a plain checkpoint every tool loads (LoRA merged into it);
@@ -39,6 +50,7 @@ LoRA from a pretrained model: add lm_head to --lora-targets (e.g. `attn,lm_head`
 embedded data the adapters alone get ~87% of full fine-tuning's held-out gain, with lm_head ~99%.
 """
 import copy
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -46,19 +58,19 @@ from pathlib import Path
 
 import torch
 
-from nanostack import chat_data, checkpoint, distributed, lora, objectives, qat, quant, quant4
+from nanostack import chat_data, checkpoint, distributed, evaluate, lora, objectives, qat, quant, quant4, tasks
 from nanostack.atomic import write_json
 from nanostack.cli import SettingsError, add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.distributed import ParallelConfig
 from nanostack.model import default_learning_rate
 from nanostack.training import TrainConfig, autocast_context, resolve_device, train
 
-MODES = ("sft", "distill", "dpo")
+MODES = ("sft", "distill", "dpo", "grpo")
 
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "sft"               # sft | distill | dpo
+    mode: str = "sft"               # sft | distill | dpo | grpo
     init: str = "out/pretrain"      # checkpoint or run directory to start from (train.py writes out/pretrain)
     data: str = "stdlib"            # stdlib (docstring Q&A, no download) | a .jsonl file of messages or of pairs (dpo)
     seq_len: int = 0                # tokens per row; 0 = the model's max_seq_len
@@ -80,6 +92,18 @@ class FinetuneConfig:
     kd_baseline: bool = False       # distill: also train the student without a teacher, same steps (2x the cost)
     dpo_beta: float = 0.1           # dpo: how strongly the policy is held to the reference
     dpo_precompute_reference: bool = False  # dpo: reference log-probs in one pass up front, no second model
+    dpo_nll_weight: float = 0.0     # dpo: weight of the chosen reply's cross-entropy added to the loss (RPO)
+    task: str = ""                  # verifiable tasks to train on instead of --data: addition,subtraction,stdlib_module
+    pairs_from_task: str = ""       # dpo: pairs of the --init model's right and wrong samples on this task
+    digits: int = 3                 # addition/subtraction: operands below 10**digits (the difficulty dial)
+    task_examples: int = 20000      # training problems drawn per task
+    group_size: int = 8             # grpo: completions per prompt; dpo --pairs-from-task: samples per prompt
+    grpo_clip: float = 0.2          # grpo: the policy ratio is clipped to [1 - clip, 1 + clip]
+    grpo_kl_beta: float = 0.04      # grpo: weight of the KL penalty to the reference (the --init model)
+    temperature: float = 1.0        # sampling temperature of rollouts, on-policy pairs and pass@k
+    max_new_tokens: int = 16        # tokens per sampled completion at most
+    pass_k: int = 8                 # samples per held-out task problem for pass@k
+
 
 
 # Fine-tuning starts from a trained model and sees little data: fewer steps, a short warmup, no weight
@@ -90,8 +114,9 @@ FINETUNE_DEFAULTS = {"out_dir": "", "steps": 200, "warmup_steps": 10, "weight_de
 
 def finetune_learning_rate(model_config, mode: str, lora_rank: int) -> float:
     """Default peak LR: a third of the pretraining LR for SFT and distillation, a tenth of that for DPO (its
-    loss drives log-probs apart without bound, and larger steps overfit the pairs); LoRA's small update 3x."""
-    full = default_learning_rate(model_config) / 3 / (10 if mode == "dpo" else 1)
+    loss drives log-probs apart without bound, and larger steps overfit the pairs) and GRPO (its gradient is as
+    noisy as its samples); LoRA's small update 3x."""
+    full = default_learning_rate(model_config) / 3 / (10 if mode in ("dpo", "grpo") else 1)
     return full * 3 if lora_rank else full
 
 
@@ -120,6 +145,8 @@ class Datasets:
     heldout_conversations: list = field(default_factory=list)
     heldout_pairs: list = field(default_factory=list)
     questions: list = field(default_factory=list)             # multiple choice (stdlib data only)
+    task_heldout: list = field(default_factory=list)          # (task, held-out problems), scored by pass@k
+    train_problems: list = field(default_factory=list)        # grpo, dpo pairs: (task, Problem)
 
 
 def _first(items: list, count: int, key) -> list:
@@ -127,9 +154,42 @@ def _first(items: list, count: int, key) -> list:
     return sorted(items, key=lambda item: chat_data.stable_hash(key(item)))[:count]
 
 
+def check_task_flags(config: FinetuneConfig) -> None:
+    """Refuse task settings the mode would not use."""
+    if config.mode == "grpo" and not config.task:
+        raise ValueError(f"--mode grpo learns from a reward: pass --task, one of {', '.join(tasks.TASKS)}")
+    if config.mode == "dpo" and config.task:
+        raise ValueError(f"--mode dpo learns from pairs: use --pairs-from-task {config.task} (pairs of the --init "
+                         f"model's right and wrong samples) instead of --task")
+    if config.pairs_from_task and config.mode != "dpo":
+        raise ValueError(f"--pairs-from-task builds DPO pairs; with --mode {config.mode} use --task")
+    if (config.task or config.pairs_from_task) and config.data != "stdlib":
+        raise ValueError(f"--data {config.data} and a task both name the training data: pass one of them")
+    if config.mode == "grpo" and config.group_size < 2:
+        raise ValueError(f"--group-size must be >= 2 for grpo, got {config.group_size}: with one completion per "
+                         f"prompt every advantage (reward minus the group's mean) is 0 and nothing is learned")
+    if config.task_examples < 1 or config.pass_k < 1 or config.max_new_tokens < 1:
+        raise ValueError(f"--task-examples {config.task_examples}, --pass-k {config.pass_k} and --max-new-tokens "
+                         f"{config.max_new_tokens} must all be at least 1")
+
+
+def task_datasets(config: FinetuneConfig, names: str) -> Datasets:
+    """Training problems and held-out conversations of the named tasks, each task's split kept apart."""
+    task_list = tasks.parse_tasks(names, config.digits)
+    train = [(task, p) for task in task_list
+             for p in tasks.problems(task, "train", config.task_examples, 0, config.heldout_fraction)]
+    # Fixed problems (--seed orders the training ones): every run of a task is scored on the same held-out ones.
+    heldout = [(task, tasks.problems(task, "heldout", config.eval_examples, 0, config.heldout_fraction))
+               for task in task_list]
+    return Datasets(train_conversations=[p.conversation() for _, p in train], train_problems=train,
+                    task_heldout=heldout, heldout_conversations=[p.conversation() for _, ps in heldout for p in ps])
+
+
 def load_datasets(config: FinetuneConfig) -> Datasets:
-    """The embedded stdlib docstring data, or a jsonl file, split into train and held-out."""
+    """A task's problems, the embedded stdlib docstring data, or a jsonl file, split into train and held-out."""
     limit = config.eval_examples
+    if config.task or config.pairs_from_task:
+        return task_datasets(config, config.task or config.pairs_from_task)
     if config.data == "stdlib":
         train_entries, heldout_entries = chat_data.split_by_module(chat_data.stdlib_docstrings(),
                                                                    config.heldout_fraction)
@@ -179,6 +239,7 @@ def check_arguments(config: FinetuneConfig) -> None:
                                          f"trained model with the student's tokenizer")
     if config.lora_rank:
         lora.parse_targets(config.lora_targets)
+    check_task_flags(config)
 
 
 def load_teacher(path: str, student_tokenizer, device, student_tokenizer_path="the student's tokenizer.json"):
@@ -248,12 +309,16 @@ def sft_batches(config, tokenizer, examples, seq_len, train_config, rank):
 # Evaluation
 
 class Evaluator:
-    """Held-out assistant-token loss, multiple-choice accuracy and preference accuracy of a model."""
+    """Held-out assistant-token loss, multiple-choice accuracy, preference accuracy and task pass@k of a model."""
 
-    def __init__(self, tokenizer, datasets: Datasets, seq_len: int, batch_size: int, autocast, progress: bool):
+    def __init__(self, tokenizer, datasets: Datasets, seq_len: int, batch_size: int, autocast, progress: bool,
+                 config: FinetuneConfig):
         """With `progress`, a full evaluation shows progress bars (it takes a while on a CPU)."""
         self.tokenizer, self.datasets, self.seq_len, self.batch_size = tokenizer, datasets, seq_len, batch_size
         self.autocast, self.progress = autocast, progress
+        # Fixed seeds: every model is scored on the same sampling noise, so before and after compare closely.
+        self.task_settings = dict(k=config.pass_k, temperature=config.temperature, max_tokens=config.max_new_tokens,
+                                  seed=0)
         # Like the training rows, a held-out row cut before its answer has nothing to score: it is left out.
         self.heldout_rows, _, self.num_dropped = chat_data.sft_examples(tokenizer, datasets.heldout_conversations,
                                                                          seq_len)
@@ -274,8 +339,9 @@ class Evaluator:
             return chat_data.preference_scores(model, self.tokenizer, self.datasets.heldout_pairs, self.seq_len,
                                                self.batch_size, desc)
 
-    def __call__(self, model, name: str = "the model") -> tuple[dict, tuple | None]:
-        """All metrics of `model` (in eval mode), and the pair scores they came from."""
+    def __call__(self, model, name: str = "the model", reference=None) -> tuple[dict, tuple | None]:
+        """All metrics of `model` (in eval mode), and the pair scores they came from; with a `reference`, the
+        tasks' KL of the model to it."""
         def desc(part):
             return f"evaluating {name}: {part}" if self.progress else None
         was_training = model.training
@@ -290,6 +356,10 @@ class Evaluator:
         scores = self.pair_scores(model, desc("preferences"))
         if scores is not None:
             metrics["preference_accuracy"] = float((scores[0] > scores[1]).float().mean())
+        if self.datasets.task_heldout:
+            with self.autocast:
+                metrics.update(evaluate.evaluate_tasks(model, self.tokenizer, self.datasets.task_heldout,
+                                                       reference=reference, **self.task_settings))
         model.train(was_training)
         return metrics, scores
 
@@ -298,7 +368,7 @@ def print_comparison(before: dict, after: dict, extra: dict) -> None:
     """The evaluation table: one line per metric, before and after."""
     print(f"{'held-out metric':<28}{'before':>10}{'after':>10}")
     for name in after:
-        print(f"{name:<28}{before.get(name, float('nan')):>10.4f}{after[name]:>10.4f}")
+        print(f"{name:<28}{f'{before[name]:.4f}' if name in before else '-':>10}{after[name]:>10.4f}")
     for name, value in extra.items():
         print(f"{name:<28}{'':>10}{value:>10.4f}")
 
@@ -347,6 +417,8 @@ def main(argv=None) -> int:
     if parallel.tp > 1 or parallel.pp > 1:  # its objectives read whole logits, its evaluation generates
         raise SettingsError(f"finetune.py runs data-parallel only (--strategy ddp|fsdp), not --tp {parallel.tp} "
                             f"--pp {parallel.pp}: tensor and pipeline parallelism are for train.py")
+    if config.mode == "grpo" and parallel.strategy == "fsdp":
+        raise SettingsError("--mode grpo samples with each rank's whole model, which FSDP shards: use --strategy ddp")
     datasets = load_datasets(config)  # every line of a --data file is checked before any model loads
     out_dir = Path(train_config.out_dir or f"out/{config.mode}")
     rank = distributed.setup(resolve_device(train_config.device), parallel)
@@ -362,13 +434,18 @@ def main(argv=None) -> int:
     seq_len = config.seq_len or model_config.max_seq_len
     if not 1 <= seq_len <= model_config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} must be in 1..{model_config.max_seq_len} (the model's max_seq_len)")
+    if config.pairs_from_task:
+        pairs_wanted = train_config.steps * train_config.batch_size * train_config.grad_accum * rank.world_size
+        datasets.train_pairs = on_policy_pairs(model, tokenizer, datasets.train_problems, config, pairs_wanted, say)
+    source = config.task or config.pairs_from_task or config.data
     train_size = len(datasets.train_pairs if config.mode == "dpo" else datasets.train_conversations)
-    say(f"data: {train_size:,} training {'pairs' if config.mode == 'dpo' else 'conversations'} from {config.data}; "
+    say(f"data: {train_size:,} training {'pairs' if config.mode == 'dpo' else 'conversations'} from {source}; "
         f"held out: {len(datasets.heldout_conversations)} conversations, {len(datasets.questions)} questions, "
         f"{len(datasets.heldout_pairs)} pairs")
-    train_examples = fitting_examples(config, tokenizer, datasets, seq_len, say)
+    # GRPO writes its own completions: it trains on no fixed rows.
+    train_examples = fitting_examples(config, tokenizer, datasets, seq_len, say) if config.mode != "grpo" else []
     evaluator = Evaluator(tokenizer, datasets, seq_len, train_config.batch_size,
-                          autocast_context(train_config.dtype, device), progress=rank.is_main)
+                          autocast_context(train_config.dtype, device), progress=rank.is_main, config=config)
     if evaluator.num_dropped:
         say(f"{evaluator.num_dropped} held-out conversations are cut before any assistant token by --seq-len "
             f"{seq_len}: left out of the held-out loss")
@@ -376,9 +453,10 @@ def main(argv=None) -> int:
 
     total_params, bf16_base_bytes = model.num_params(), quant.weight_bytes(model)
     if config.base_quant:
-        quant4.quantize_base_nf4(model)  # QLoRA: the frozen base in NF4 (DPO's reference below too)
-    # DPO's reference is the model as it starts; a copy is taken before LoRA changes the module tree.
-    reference = copy.deepcopy(model) if config.mode == "dpo" and not config.dpo_precompute_reference else None
+        quant4.quantize_base_nf4(model)  # QLoRA: the frozen base in NF4 (the reference below too)
+    # The reference of DPO and GRPO is the model as it starts; a copy is taken before LoRA changes the module tree.
+    keeps_reference = config.mode == "grpo" or (config.mode == "dpo" and not config.dpo_precompute_reference)
+    reference = copy.deepcopy(model) if keeps_reference else None
     base_bytes = quant.weight_bytes(model)
     trainable = prepare_model(model, config)
     lora_settings = lora.lora_config(model) if config.lora_rank else None
@@ -395,7 +473,10 @@ def main(argv=None) -> int:
             rows = objectives.precompute_reference(model, rows, train_config.batch_size)
         batches = chat_data.preference_batches(rows, train_config.batch_size, seed=train_config.seed,
                                                rank=rank.rank, world_size=rank.world_size)
-        objective = objectives.dpo(reference, config.dpo_beta)
+        objective = objectives.dpo(reference, config.dpo_beta, config.dpo_nll_weight)
+    elif config.mode == "grpo":
+        batches, objective = grpo_setup(model, tokenizer, reference, datasets.train_problems, config, train_config,
+                                        rank)
     else:
         batches = sft_batches(config, tokenizer, train_examples, seq_len, train_config, rank)
         objective = (objectives.distillation(teacher, config.kd_temperature, config.kd_alpha, config.kd_kind)
@@ -411,7 +492,7 @@ def main(argv=None) -> int:
     train(model, objective, batches, replace(train_config, out_dir=str(run_dir)), model_config=model_config,
           tokenizer=tokenizer, evaluate=evaluator.heldout_loss, extra_config=record, parallel=parallel, rank=rank)
     train_seconds = time.time() - start
-    after, after_scores = evaluator(model, "the fine-tuned model")
+    after, after_scores = evaluator(model, "the fine-tuned model", reference)
 
     report = {"mode": config.mode, "init": identity["checkpoint"], "steps": train_config.steps,
               "trainable_params": trainable, "total_params": total_params, "lora": lora_settings,
@@ -429,7 +510,7 @@ def main(argv=None) -> int:
         margin = (after_scores[0] - before_scores[0]) - (after_scores[1] - before_scores[1])
         extra["dpo_reward_accuracy"] = float((margin > 0).float().mean())
     if teacher is not None:
-        extra["teacher_heldout_loss"] = evaluator(teacher, "the teacher")[0]["heldout_loss"]
+        extra.update({f"teacher_{name}": value for name, value in evaluator(teacher, "the teacher")[0].items()})
         if config.kd_baseline:
             extra["no_teacher_heldout_loss"] = train_baseline(config, train_config, parallel, rank, train_examples,
                                                               seq_len, evaluator, out_dir)
@@ -457,6 +538,60 @@ def main(argv=None) -> int:
             f"evaluation in {out_dir / 'eval.json'}")
     distributed.teardown()
     return 0
+
+
+def on_policy_pairs(model, tokenizer, train_problems, config: FinetuneConfig, wanted: int, say) -> list:
+    """DPO pairs from the model's own samples: for each training problem, --group-size completions, and the
+    first rewarded one (chosen) with the first unrewarded one (rejected); where none is rewarded, the reference
+    answer is the chosen reply, and a problem whose samples are all right gives no pair. Stops at `wanted` pairs."""
+    pairs, sampled, reference_chosen = [], 0, 0
+    while sampled < len(train_problems) and len(pairs) < wanted:
+        # Most problems give a pair: sample about as many as are still wanted, in batches the engine runs well.
+        start = sampled
+        group = train_problems[start:start + min(256, max(16, wanted - len(pairs)))]
+        prompts = evaluate.prompt_ids(tokenizer, [p for _, p in group])
+        engine = evaluate.task_engine(model, tokenizer, prompts, config.max_new_tokens)
+        seeds = [start * config.group_size + i for i in range(len(group) * config.group_size)]
+        outputs = objectives.rollouts(engine, prompts, config.group_size, temperature=config.temperature,
+                                      max_tokens=config.max_new_tokens, seeds=seeds)
+        for i, (task, problem) in enumerate(group):
+            texts = [out.text for out in outputs[i * config.group_size:(i + 1) * config.group_size]]
+            rewards = [tasks.reward(task, problem, text) for text in texts]
+            if min(rewards) == 1.0:
+                continue
+            if max(rewards) < 1.0:
+                texts, rewards = [problem.answer, *texts], [1.0, *rewards]
+                reference_chosen += 1
+            pairs.append(chat_data.PreferenceExample(problem.messages(), texts[rewards.index(max(rewards))],
+                                                     texts[rewards.index(min(rewards))]))
+        sampled += len(group)
+    say(f"on-policy pairs: {len(pairs):,} from {sampled:,} problems x {config.group_size} samples; the chosen reply "
+        f"is a sample in {len(pairs) - reference_chosen:,}, the reference answer in {reference_chosen:,} (no sample "
+        f"right); problems whose samples were all right give none")
+    if not pairs:
+        raise ValueError(f"every sample of the --init model was right on the {sampled} problems of "
+                         f"{config.pairs_from_task!r} it tried: there is nothing to prefer; raise --digits")
+    return pairs[:wanted]
+
+
+def grpo_setup(model, tokenizer, reference, train_problems, config: FinetuneConfig, train_config, rank):
+    """GRPO's batch source (training problem indices, shuffled and sharded like every other source) and objective,
+    whose rollouts run on an Engine over `model` itself."""
+    prompts = evaluate.prompt_ids(tokenizer, [p for _, p in train_problems])
+    engine = evaluate.task_engine(model, tokenizer, prompts, config.max_new_tokens,
+                                  max_num_seqs=train_config.batch_size * config.group_size)
+
+    def reward(index: int, completion: str) -> float:
+        task, problem = train_problems[index]
+        return tasks.reward(task, problem, completion)
+
+    batches = chat_data.ExampleBatches(
+        len(prompts), train_config.batch_size, lambda rows: {"prompt_index": torch.tensor([r[0] for r in rows])},
+        seed=train_config.seed, rank=rank.rank, world_size=rank.world_size,
+        fingerprint=f"grpo:{chat_data.content_digest(json.dumps(prompts))}")
+    objective = objectives.grpo(engine, prompts, reward, reference, config.group_size, config.grpo_clip,
+                                config.grpo_kl_beta, config.temperature, config.max_new_tokens)
+    return batches, objective
 
 
 def train_baseline(config, train_config, parallel, rank, examples, seq_len, evaluator, out_dir) -> float:

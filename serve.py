@@ -1,6 +1,6 @@
 """Serve a checkpoint over an OpenAI-compatible HTTP API (nanostack/serving/api.py) with a chat page at /.
 
-    python serve.py                                   # the newest of out/sft, out/dpo, out/pretrain
+    python serve.py                                   # the newest of out/sft, out/dpo, out/grpo, out/pretrain
     python serve.py --model out/sft --port 8000 --api-key secret
     python serve.py --model models/Qwen3-0.6B         # a Hugging Face model directory
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "what does json.dumps do?"}]}'
@@ -39,12 +39,12 @@ from nanostack.serving.speculative import SpeculativeConfig, Speculator
 from nanostack.serving.tensor_parallel import ModelSpec, Workers, broadcasting_forward, load_model
 from nanostack.training import compute_dtype, resolve_device
 
-DEFAULT_MODELS = ("out/sft", "out/dpo", "out/pretrain")
+DEFAULT_MODELS = ("out/sft", "out/dpo", "out/grpo", "out/pretrain")
 
 
 @dataclass
 class ServeConfig:
-    model: str = ""                 # checkpoint, run or Hugging Face model directory; empty = the newest of out/sft, out/dpo, out/pretrain
+    model: str = ""                 # checkpoint, run or Hugging Face model directory; empty = the newest of out/sft, out/dpo, out/grpo, out/pretrain
     host: str = "127.0.0.1"         # address to listen on (0.0.0.0: every interface)
     port: int = 8000                # TCP port to listen on
     device: str = "auto"            # auto (CUDA when present), cpu, cuda, cuda:1, ...

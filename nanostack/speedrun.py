@@ -1,19 +1,21 @@
-"""The whole stack in one run: tokenizer -> pretraining -> SFT -> DPO -> int8 -> serving, then a report.
+"""The whole stack in one run: tokenizer -> pretraining -> SFT -> DPO / GRPO -> int8 -> serving, then a report.
 
     python -m nanostack.speedrun                               # 2 CPU cores, embedded corpus: about 5 minutes
     python -m nanostack.speedrun --tiny true                   # toy sizes, the same path in about a minute (tests)
     python -m nanostack.speedrun --preset gpt2 --dry-run true  # print the 8-GPU GPT-2-class commands
 
 The default sizes are each stage's own defaults, so the speedrun is exactly the commands a newcomer types one by
-one: 306 s on 2 idle CPU cores (Xeon, torch 2.13 CPU): tokenizer and shards 10 s, pretraining 173 s (600 steps, val
-1.80 bits/byte), SFT 40 s, DPO 64 s, int8 13 s, serving 6 s. --tiny shrinks every stage: 45 s.
+one, but for post-training: SFT, DPO and GRPO learn 2-digit addition (nanostack/tasks.py), with the flags that
+make that work in a minute or two each (SIZES["cpu"], from bench/bench_posttrain.py's measurements). Before the
+task stages it took 306 s on 2 idle CPU cores (Xeon, torch 2.13 CPU): tokenizer and shards 10 s, pretraining
+173 s (600 steps, val 1.80 bits/byte), int8 13 s, serving 6 s. --tiny shrinks every stage.
 
 Each stage is the command a user would type (data/prepare.py, train.py, finetune.py, python -m nanostack.quant,
 serve.py), run from the repo root as a subprocess, so the report shows it and any one can be re-run alone.
 Its output streams to the console and to logs/<stage>.log. Everything lands in one run directory (--out-dir):
 
     tokenizer.json, data/<corpus>/   the tokenizer and the token shards            stage "tokenizer"
-    pretrain/  sft/  dpo/            checkpoints, metrics.jsonl, eval.json         stages "pretrain", "sft", "dpo"
+    pretrain/  sft/  dpo/  grpo/     checkpoints, metrics.jsonl, eval.json         stages "pretrain" ... "grpo"
     int8/                            int8 weight-only checkpoint, quant_report.json stage "int8"
     serving.json                     every request the serving stage sent and what came back
     stages.json, report.md, plots/   each stage's command, time and exit code; the tables; loss curves
@@ -60,28 +62,42 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from nanostack import tasks
 from nanostack.atomic import atomic_file, write_json
 from nanostack.cli import add_dataclass_args, dataclass_from_args, make_parser, run
 from nanostack.data import jsonl_records
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("tokenizer", "pretrain", "sft", "dpo", "int8", "serve")
+STAGES = ("tokenizer", "pretrain", "sft", "dpo", "grpo", "int8", "serve")
+# Post-training is measured on a verifiable task (nanostack/tasks.py): SFT on its answers, then DPO on pairs of the
+# SFT model's right and wrong samples, and GRPO on its rewards; each scored by pass@k on held-out problems.
+TASK, TASK_DIGITS = "addition", 2
 PRESETS = ("cpu", "gpt2")
 # The corpus of each size, and the flags that size each stage on top of the paths that chain the stages together.
 # --tiny reads one 380 kB stdlib package (email/) and trains a 512-token vocabulary and a 1-layer model.
 SOURCES = {"cpu": "stdlib", "tiny": str(Path(sysconfig.get_paths()["stdlib"]) / "email"),
            "gpt2": "fineweb-edu-100b-shuffle"}
+# Post-training on the task (bench/bench_posttrain.py measured these): DPO and GRPO start from the SFT run's
+# checkpoint at step RL_FROM_STEP, while it is still learning the task; from a converged SFT model neither moves
+# pass@1 by more than a few points at this size. DPO adds the chosen reply's cross-entropy (RPO).
+RL_FROM_STEP = {"cpu": 250, "gpt2": 250, "tiny": 10}
+POST_TRAINING = {"sft": "--packing true --steps 400 --lr 2.4e-3 --eval-examples 200",
+                 "dpo": "--steps 100 --batch-size 16 --lr 5e-5 --dpo-nll-weight 1 --eval-examples 200",
+                 "grpo": "--steps 60 --batch-size 16 --lr 1e-4 --eval-examples 200"}
 SIZES = {
-    "cpu": {},  # every stage's own defaults: what a newcomer gets by typing the commands one by one
+    "cpu": POST_TRAINING,  # and every other stage's own defaults: what a newcomer gets by typing the commands
     "tiny": {
         "tokenizer": "--vocab-size 512 --tokenizer-max-mb 1 --val-fraction 0.1",
         "pretrain": "--vocab-size 512 --val-fraction 0.1 --depth 1 --seq-len 64 --steps 40 --warmup-steps 5 "
                     "--eval-batches 4 --sample-every 0 --sample-tokens 16",
-        "sft": "--steps 20 --warmup-steps 2 --eval-examples 40 --log-every 5",
-        "dpo": "--steps 10 --warmup-steps 2 --eval-examples 40 --log-every 5",
+        "sft": "--steps 20 --warmup-steps 2 --eval-examples 40 --log-every 5 --pass-k 2 --max-new-tokens 8",
+        "dpo": "--steps 10 --warmup-steps 2 --eval-examples 40 --log-every 5 --pass-k 2 --max-new-tokens 8",
+        "grpo": "--steps 4 --warmup-steps 1 --eval-examples 40 --log-every 2 --pass-k 2 --max-new-tokens 8 "
+                "--batch-size 4 --group-size 4",
         "int8": "--eval-batches 4 --calibration-batches 2",
     },
-    "gpt2": {  # the README's GPT-2-class flags; post-training, int8 and serving keep their defaults, on one GPU
+    "gpt2": {  # the README's GPT-2-class flags; post-training as on the CPU; int8 and serving keep their defaults
+        **POST_TRAINING,
         "tokenizer": "--max-shards 60 --vocab-size 32768 --tokenizer-max-mb 500",
         "pretrain": "--strategy fsdp --max-shards 60 --vocab-size 32768 --tokenizer-max-mb 500 --depth 12 "
                     "--seq-len 1024 --batch-size 32 --steps 5000 --warmup-steps 200 --compile true",
@@ -149,14 +165,19 @@ def stage_commands(config: SpeedrunConfig, port: int) -> dict[str, list[str]]:
         shards = f"{run_dir}/download/{source}"
         corpus += ["--download-dir", shards]
     data_dir = f"{run_dir}/data/{Path(shards).name}"
+    rl_from = f"{run_dir}/sft/step_{RL_FROM_STEP[size]:06d}"
     python = sys.executable
     launcher = GPT2_LAUNCHER if config.preset == "gpt2" else [python]
     commands = {
         "tokenizer": [python, "data/prepare.py", *corpus, "--tokenizer", tokenizer, "--out-dir", data_dir],
         "pretrain": [*launcher, "train.py", *corpus[:2], "--tokenizer", tokenizer, "--out-dir", f"{run_dir}/pretrain"],
-        "sft": [python, "finetune.py", "--mode", "sft", "--init", f"{run_dir}/pretrain", "--out-dir", f"{run_dir}/sft"],
-        "dpo": [python, "finetune.py", "--mode", "dpo", "--init", f"{run_dir}/sft", "--out-dir", f"{run_dir}/dpo"],
-        "int8": [python, "-m", "nanostack.quant", "--model", f"{run_dir}/dpo", "--mode", "int8-wo", "--out",
+        "sft": [python, "finetune.py", "--mode", "sft", "--task", TASK, "--digits", str(TASK_DIGITS), "--init",
+                f"{run_dir}/pretrain", "--out-dir", f"{run_dir}/sft", "--save-every", str(RL_FROM_STEP[size])],
+        "dpo": [python, "finetune.py", "--mode", "dpo", "--pairs-from-task", TASK, "--digits", str(TASK_DIGITS),
+                "--init", rl_from, "--out-dir", f"{run_dir}/dpo"],
+        "grpo": [python, "finetune.py", "--mode", "grpo", "--task", TASK, "--digits", str(TASK_DIGITS), "--init",
+                 rl_from, "--out-dir", f"{run_dir}/grpo"],
+        "int8": [python, "-m", "nanostack.quant", "--model", f"{run_dir}/grpo", "--mode", "int8-wo", "--out",
                  f"{run_dir}/int8", "--data-dir", data_dir, "--report", "true"],
         "serve": [python, "serve.py", "--model", f"{run_dir}/int8", "--host", "127.0.0.1", "--port", str(port)],
     }
@@ -198,8 +219,9 @@ def start_stage(command: list[str], log) -> tuple[subprocess.Popen, threading.Th
     return process, copier
 
 
-CHAT_QUESTIONS = ["what does json.dumps do?", "what does os.path.join do?", "what does re.compile do?",
-                  "what does math.sqrt do?"]
+# Held-out questions of the task the model was tuned on: the chat requests ask them, as a user of the chat page would.
+TASK_PROBLEMS = tasks.problems(tasks.get_task(TASK, TASK_DIGITS), "heldout", 4)
+CHAT_QUESTIONS = [problem.question for problem in TASK_PROBLEMS]
 COMPLETION_PROMPTS = ["def fib(n):", "import os\n", "class Stack:", "for i in range("]
 
 
@@ -236,7 +258,8 @@ async def one_request(session, base_url: str, index: int, max_tokens: int) -> di
 
 
 async def query_server(base_url: str, config: SpeedrunConfig) -> dict:
-    """Send config.requests requests, config.concurrency at a time; the per-request records and the summary."""
+    """Send config.requests requests, config.concurrency at a time, then the task questions (greedy, each ending
+    at its end of turn); the per-request records, the summary and the answers."""
     limit = asyncio.Semaphore(config.concurrency)
 
     async def limited(session, index):
@@ -247,6 +270,7 @@ async def query_server(base_url: str, config: SpeedrunConfig) -> dict:
         start = time.perf_counter()
         records = await asyncio.gather(*(limited(session, i) for i in range(config.requests)))
         wall = time.perf_counter() - start
+        answers = await asyncio.gather(*(ask_task_question(session, base_url, p) for p in TASK_PROBLEMS))
     latencies = [r["latency_s"] for r in records]
     ttfts = [r["ttft_s"] for r in records if r["ttft_s"] is not None]
     tokens = sum(r["completion_tokens"] for r in records)
@@ -256,7 +280,16 @@ async def query_server(base_url: str, config: SpeedrunConfig) -> dict:
                "latency_p90_s": float(np.percentile(latencies, 90))}
     if ttfts:
         summary.update(ttft_p50_s=float(np.percentile(ttfts, 50)), ttft_p90_s=float(np.percentile(ttfts, 90)))
-    return {"summary": summary, "requests": records}
+    return {"summary": summary, "requests": records, "task_answers": answers}
+
+
+async def ask_task_question(session, base_url: str, problem) -> dict:
+    """Ask a held-out task question through the chat API, greedily and ending at <|end|> as the chat page does."""
+    body = {"model": "nanostack", "messages": problem.messages(), "temperature": 0, "max_tokens": 16}
+    async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
+        reply = (await response.json())["choices"][0]["message"]["content"]
+    return {"question": problem.question, "reference": problem.answer, "reply": reply,
+            "right": tasks.reward(tasks.get_task(TASK, TASK_DIGITS), problem, reply) == 1.0}
 
 
 def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -407,14 +440,10 @@ def pretrain_table(run_dir: Path, seconds: float) -> str:
                    last_value(records, "loss"), last_value(records, "eval/loss"), last_value(records, "eval/bpb")]])
 
 
-FINETUNE_METRICS = ("heldout_loss", "multiple_choice_accuracy", "multiple_choice_accuracy_calibrated",
-                    "preference_accuracy")
-
-
 def finetune_table(run_dir: Path, stage: str, seconds: float) -> str:
     """Held-out metrics before and after, from finetune.py's eval.json."""
     report = json.loads((run_dir / stage / "eval.json").read_text())
-    rows = [[name, report["before"].get(name), report["after"].get(name)] for name in FINETUNE_METRICS]
+    rows = [[name, report["before"].get(name), report["after"].get(name)] for name in report["after"]]
     if "dpo_reward_accuracy" in report:
         rows.append(["dpo_reward_accuracy", None, report["dpo_reward_accuracy"]])
     summary = (f"{report['steps']} steps, {report['trainable_params']:,} trainable parameters, "
@@ -442,16 +471,40 @@ def serve_table(run_dir: Path, seconds: float) -> str:
                     s.get("ttft_p50_s"), s.get("ttft_p90_s"), s["latency_p50_s"], s["latency_p90_s"],
                     results["server_exit_code"]]])
             + f"\n\nFirst reply (ignore_eos lets it run on past <|end|>): {results['requests'][0]['prompt']!r} -> "
-              f"{results['requests'][0]['text']!r}")
+              f"{results['requests'][0]['text']!r}\n\nHeld-out {TASK} questions asked through the chat API (greedy, as "
+              f"the chat page asks): "
+              + "; ".join(f"{a['question']!r} -> {a['reply']!r} ({'right' if a['right'] else 'wrong'})"
+                          for a in results["task_answers"]))
+
+
+def posttraining_table(run_dir: Path, seconds: float) -> str:
+    """base -> SFT -> {DPO, GRPO} on the task's held-out problems, from the eval.json files and stage times. DPO and
+    GRPO start from an SFT checkpoint (their "before"); the SFT run's end is shown too."""
+    stages = json.loads((run_dir / "stages.json").read_text())["stages"]
+    reports = {stage: json.loads((run_dir / stage / "eval.json").read_text()) for stage in ("sft", "dpo", "grpo")}
+    start = Path(reports["grpo"]["init"]).name
+    models = [("base (pretrained)", reports["sft"]["before"], "pretrain"),
+              (f"SFT {start}", reports["grpo"]["before"], None),
+              ("SFT -> DPO", reports["dpo"]["after"], "dpo"), ("SFT -> GRPO", reports["grpo"]["after"], "grpo"),
+              (f"SFT, all {reports['sft']['steps']} steps", reports["sft"]["after"], "sft")]
+    k = reports["sft"]["config"]["pass_k"]
+    rows = [[name, *(metrics.get(f"{TASK}/{m}") for m in ("pass@1", f"pass@{k}", "reward", "kl_to_reference")),
+             seconds_cell(stages[stage]["seconds"]) if stage else "in SFT"] for name, metrics, stage in models]
+    return (finetune_table(run_dir, "grpo", seconds) + f"\n\nPost-training compared on held-out {TASK} problems "
+            f"(pass@1 greedy, pass@{k} and reward sampled at temperature 1; DPO and GRPO start from SFT {start}, and "
+            f"their KL is to it, on their own samples):\n\n"
+            + table(["model", "pass@1", f"pass@{k}", "reward", "KL to reference", "stage time (s)"], rows))
 
 
 SECTIONS = {"tokenizer": ("Tokenizer and data", tokenizer_table), "pretrain": ("Pretraining", pretrain_table),
             "sft": ("SFT", lambda run_dir, seconds: finetune_table(run_dir, "sft", seconds)),
             "dpo": ("DPO", lambda run_dir, seconds: finetune_table(run_dir, "dpo", seconds)),
+            "grpo": ("GRPO, and post-training compared", posttraining_table),
             "int8": ("int8 quantization (weight-only)", int8_table), "serve": ("Serving", serve_table)}
 # metrics.jsonl keys drawn for each training stage, and their labels.
 CURVES = {"pretrain": {"loss": "train", "eval/loss": "validation"},
-          "sft": {"loss": "train", "eval/heldout_loss": "held-out"}, "dpo": {"loss": "train (DPO loss)"}}
+          "sft": {"loss": "train", "eval/heldout_loss": "held-out"}, "dpo": {"loss": "train (DPO loss)"},
+          "grpo": {"loss": "train (GRPO loss)"}}
 
 
 def draw_plots(run_dir: Path) -> list[str]:

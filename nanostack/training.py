@@ -317,9 +317,10 @@ def train(model, objective, batches, config: TrainConfig, *, model_config, token
                     loss, metrics = objective(step_model, batch)
                     scaler.scale(loss / config.grad_accum).backward()
                 step_loss += loss.detach() / config.grad_accum
+                # An objective that generates its own tokens (grpo) says how many it trained on.
+                window_tokens += (metrics.pop("tokens", None) or batch_tokens(batch)) * rank.size("dp")
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / config.grad_accum
-                window_tokens += batch_tokens(batch) * rank.size("dp")
         except torch.OutOfMemoryError:
             raise OutOfMemory(out_of_memory_advice(step + 1, device, config, run_dir)) from None
         scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)

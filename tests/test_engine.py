@@ -329,3 +329,27 @@ def test_triton_kernel_path_matches_the_torch_path(tokenizer, sharpened_model, m
                  5: [("b", system + [4, 5], params), ("c", system + list(range(6, 20)), params)]})
     assert engine.stats().prefix_cache_hits > 0
     assert any(prefill and decode for prefill, decode in compared)
+
+
+def test_after_a_weight_update_the_engine_samples_like_a_fresh_one(tokenizer, sharpened_model):
+    """Training changes the weights in place under a live engine (GRPO rollouts): the prefix cache's K/V are then
+    stale, and weights_updated() must drop them so the next rollout equals a fresh engine's."""
+    model = sharpened_model(tokenizer.vocab_size, MAX_SEQ_LEN)
+    prompts = [[7, 8, 9, 10, 11, 12, 13, 14, 15] + [i] for i in range(4)]  # two full shared blocks of 4
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=i, logprobs=0, ignore_eos=True) for i in range(4)]
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4))
+    engine.generate(prompts, params)  # fills the prefix cache with the old weights' K/V
+    with torch.no_grad():  # an optimizer step, in place
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+    fresh = Engine(model, tokenizer, EngineConfig(block_size=4)).generate(prompts, params)
+    stale = engine.generate(prompts, params)
+    assert stale[0].cached_prompt_tokens == 8 and [o.logprobs for o in stale] != [o.logprobs for o in fresh]
+    engine.weights_updated()
+    updated = engine.generate(prompts, params)
+    assert updated[0].cached_prompt_tokens == 0
+    assert [o.new_token_ids for o in updated] == [o.new_token_ids for o in fresh]
+    assert [o.logprobs for o in updated] == [o.logprobs for o in fresh]
+    engine.add_request("in-flight", prompts[0], params[0])
+    with pytest.raises(ValueError, match="1 requests in flight"):
+        engine.weights_updated()

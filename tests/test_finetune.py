@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
-from nanostack import chat_data, checkpoint, lora, qat, quant, quant4
+from nanostack import chat_data, checkpoint, lora, qat, quant, quant4, tasks
 from nanostack.model import GPT, ModelConfig
 from nanostack.tokenizer import Tokenizer
 
@@ -196,6 +196,62 @@ def test_dpo_with_lora_merges_for_serving_and_resumes_exactly(workdir):
     assert again.keys() == finished.keys()
     for name in finished:
         assert torch.equal(again[name], finished[name]), name
+
+
+def test_task_settings_the_mode_would_not_use_are_refused(workdir):
+    init = ["--init", str(workdir / "init"), "--out-dir", str(workdir / "refused")]
+    for flags, message in ((["--mode", "grpo"], "--mode grpo learns from a reward: pass --task"),
+                           (["--mode", "grpo", "--task", "addition", "--group-size", "1"],
+                            "--group-size must be >= 2 for grpo, got 1: with one completion per prompt every "
+                            "advantage"),
+                           (["--mode", "grpo", "--task", "multiplication"], "unknown task 'multiplication'"),
+                           (["--mode", "dpo", "--task", "addition"], "use --pairs-from-task addition"),
+                           (["--pairs-from-task", "addition"], "--pairs-from-task builds DPO pairs"),
+                           (["--task", "addition", "--data", str(workdir / "chat.jsonl")], "pass one of them")):
+        with pytest.raises(ValueError, match=message):
+            finetune.main(init + flags)
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_evaluates_pass_at_k_and_resumes_exactly(workdir, monkeypatch):
+    """In-process, with a toy task a random model sometimes passes (so the rewards, and the updates, are not all 0)."""
+    even = tasks.Task("even_length", tasks.get_task("addition", 2).sample, lambda problem, text: len(text) % 2 == 0)
+    monkeypatch.setitem(tasks.TASKS, "even_length", lambda digits: even)
+    flags = common_flags(workdir, "grpo") + ["--mode", "grpo", "--task", "even_length", "--group-size", "4",
+                                             "--max-new-tokens", "3", "--pass-k", "2", "--lora-rank", "2",
+                                             "--lora-dropout", "0.1", "--batch-size", "2"]
+    assert finetune.main(flags) == 0
+    out = workdir / "grpo"
+    report = json.loads((out / "eval.json").read_text())
+    assert {"even_length/pass@1", "even_length/pass@2", "even_length/reward"} <= set(report["before"])
+    assert report["after"]["even_length/kl_to_reference"] != 0  # the adapters moved the policy
+    logged = [json.loads(line) for line in (out / "lora_run" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"reward", "kl", "clip_fraction"} <= set(r) and 0 < r["reward"] < 1 for r in logged if "loss" in r)
+
+    # Simulate a crash after the step-2 checkpoint, then resume: the rollouts' seeds come from the saved RNG.
+    finished = load_file(checkpoint.resolve_checkpoint(out / "lora_run") / "model.safetensors")
+    shutil.rmtree(out / "lora_run" / "step_000004")
+    (out / "lora_run" / "latest").write_text("step_000002\n")
+    assert finetune.main(flags + ["--resume", "true"]) == 0
+    again = load_file(checkpoint.resolve_checkpoint(out / "lora_run") / "model.safetensors")
+    assert any(finished[name].abs().sum() > 0 for name in finished if name.endswith("lora_b"))  # B starts at 0
+    for name in finished:
+        assert torch.equal(again[name], finished[name]), name
+
+
+def test_on_policy_pairs_prefer_a_right_sample_or_the_reference_answer(workdir):
+    """Pairs from the model's own samples, scored by the task: chosen right, rejected wrong, and the reference
+    answer as the chosen reply where no sample was right."""
+    loaded = checkpoint.load_checkpoint(workdir / "init")
+    config = finetune.FinetuneConfig(mode="dpo", pairs_from_task="even_length", group_size=4, max_new_tokens=3)
+    even = tasks.Task("even_length", tasks.get_task("addition", 2).sample, lambda problem, text: len(text) % 2 == 0)
+    problems = [(even, p) for p in tasks.problems(even, "train", 40)]
+    pairs = finetune.on_policy_pairs(loaded["model"], loaded["tokenizer"], problems, config, 30, lambda *a: None)
+    assert len(pairs) == 30
+    answers = {p.question: p.answer for _, p in problems}
+    from_samples = [pair for pair in pairs if pair.chosen != answers[pair.prompt[0]["content"]]]
+    assert 0 < len(from_samples) < len(pairs)  # some chosen replies are samples, some the reference answer
+    assert all(len(pair.chosen) % 2 == 0 for pair in from_samples) and all(len(pair.rejected) % 2 for pair in pairs)
 
 
 @pytest.mark.slow

@@ -201,6 +201,20 @@ def test_dpo_starts_at_log_2_and_a_step_widens_the_margin(tokenizer):
         after_metrics["reward_margin"].item(), rel=1e-9)
 
 
+def test_dpo_nll_term_is_the_chosen_replies_mean_cross_entropy(tokenizer):
+    policy = tiny_model(tokenizer)
+    batch = chat_data.preference_rows(tokenizer, PAIRS, 128)
+    loss, metrics = objectives.dpo(copy.deepcopy(policy), beta=0.5, nll_weight=0.3)(policy, batch)
+    per_token = []  # the chosen replies' mean cross-entropy, reply by reply
+    for i, pair in enumerate(PAIRS):
+        count = int((batch["chosen_targets"][i] != -1).sum())
+        logp = objectives.sequence_logprobs(policy, batch["chosen_inputs"][i:i + 1], batch["chosen_targets"][i:i + 1])
+        per_token.append(-logp.item() / count)
+    expected = sum(per_token) / len(per_token)
+    assert metrics["chosen_nll"].item() == pytest.approx(expected, rel=1e-10)
+    assert loss.item() == pytest.approx(math.log(2) + 0.3 * expected, rel=1e-10)  # DPO starts at log 2
+
+
 def test_precomputed_reference_equals_the_live_reference(tokenizer):
     reference = tiny_model(tokenizer, seed=0)
     policy = tiny_model(tokenizer, seed=3)  # a different policy, so the rewards are not all zero
@@ -226,3 +240,100 @@ def test_moe_auxiliary_loss_is_added_by_every_objective(tokenizer):
     twin = tiny_model(tokenizer, n_expert=4, n_expert_active=2)  # same seed: identical, so the KL is zero
     kd, _ = objectives.distillation(twin, 2.0, 1.0)(model, {"inputs": inputs, "targets": targets})
     assert kd.item() == pytest.approx(model.moe_aux_loss.item(), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GRPO
+
+def naive_grpo_loss(logprobs, old, ref, rewards, lengths, group_size, clip, beta) -> float:
+    """The DeepSeekMath objective written out in Python floats: group-normalised advantages, per-token clipped
+    surrogate minus beta * k3 KL, mean over each completion's tokens, then over completions; negated."""
+    total = 0.0
+    for i, length in enumerate(lengths):
+        group = rewards[i // group_size * group_size:(i // group_size + 1) * group_size]
+        mean = sum(group) / group_size
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (group_size - 1))
+        advantage = (rewards[i] - mean) / (std + 1e-4)
+        per_token = 0.0
+        for t in range(length):
+            ratio = math.exp(logprobs[i][t] - old[i][t])
+            surrogate = min(ratio * advantage, min(max(ratio, 1 - clip), 1 + clip) * advantage)
+            kl = math.exp(ref[i][t] - logprobs[i][t]) - (ref[i][t] - logprobs[i][t]) - 1
+            per_token += surrogate - beta * kl
+        total += per_token / length
+    return -total / len(lengths)
+
+
+def test_grpo_loss_matches_a_naive_float64_formula():
+    generator = torch.Generator().manual_seed(0)
+    group_size, lengths, width = 4, [3, 5, 1, 4, 2, 5, 5, 3], 5
+    logprobs = -torch.rand(8, width, generator=generator, dtype=torch.float64) * 3
+    old = logprobs + torch.randn(8, width, generator=generator, dtype=torch.float64) * 0.3  # ratios beyond the clip
+    ref = logprobs + torch.randn(8, width, generator=generator, dtype=torch.float64) * 0.5
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.2, 0.9, 0.5, 0.0], dtype=torch.float64)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    advantages = objectives.group_advantages(rewards.view(2, group_size)).flatten()
+    logprobs.requires_grad_(True)
+    loss, metrics = objectives.grpo_loss(logprobs, old, ref, advantages, mask, clip=0.2, kl_beta=0.1)
+    expected = naive_grpo_loss(logprobs.tolist(), old.tolist(), ref.tolist(), rewards.tolist(), lengths, group_size,
+                               0.2, 0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    ratio = (logprobs - old).exp()
+    clipped = ((ratio - 1).abs() > 0.2) & mask
+    assert 0 < clipped.sum() < mask.sum() and metrics["clip_fraction"].item() == clipped.sum() / mask.sum()
+    # Gradient: zero where the clip is active on the side the advantage pushes to, and at padded positions.
+    loss.backward()
+    beyond = ((ratio > 1.2) & (advantages[:, None] > 0)) | ((ratio < 0.8) & (advantages[:, None] < 0))
+    kl_grad = 0.1 * (1 - (ref - logprobs).exp()) / torch.tensor(lengths)[:, None] / len(lengths)  # d(beta k3)/dlogp
+    torch.testing.assert_close(logprobs.grad[beyond & mask], kl_grad.detach()[beyond & mask], rtol=1e-10, atol=1e-12)
+    assert (logprobs.grad[~mask] == 0).all()
+
+
+def test_group_advantages_are_zero_when_a_group_agrees():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.5]])
+    advantages = objectives.group_advantages(rewards)
+    assert (advantages[0] == 0).all()
+    torch.testing.assert_close(advantages[1], torch.tensor([-0.5, 0.5, 0.0]) / (0.5 + 1e-4))
+
+
+def test_completion_rows_target_the_completion_only():
+    inputs, targets = objectives.completion_rows([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]])
+    assert inputs.tolist() == [[5, 6, 7, 1], [8, 3, 4, 0]]
+    assert targets.tolist() == [[-1, -1, 1, 2], [3, 4, 9, -1]]
+
+
+def test_one_grpo_step_raises_the_probability_of_rewarded_tokens(tokenizer):
+    from nanostack.serving.engine import Engine, EngineConfig
+    prompt = tokenizer.render_chat([{"role": "user", "content": "What is `heapq`?"}], add_generation_prompt=True)[0]
+    # The rewarded tokens: those whose text starts with a letter in the first half of the alphabet.
+    rewarded = [t for t in range(tokenizer.vocab_size) if tokenizer.decode([t])[:1].lower() in "abcdefghijklm"]
+
+    def first_half(index, text):
+        return float(text[:1].lower() in "abcdefghijklm")
+
+    def step(reward):
+        """The rewarded tokens' mass after one GRPO step of a fresh policy with `reward`, and the step's metrics."""
+        policy = tiny_model(tokenizer).float()
+        engine = Engine(policy, tokenizer, EngineConfig(max_num_seqs=16, max_model_len=64, block_size=4))
+        objective = objectives.grpo(engine, [prompt], reward, reference=copy.deepcopy(policy), group_size=16,
+                                    kl_beta=0.04, max_tokens=1)
+        torch.manual_seed(0)
+        loss, metrics = objective(policy.train(), {"prompt_index": torch.tensor([0])})
+        loss.backward()
+        torch.optim.SGD(policy.parameters(), lr=0.5).step()
+        with torch.no_grad():
+            mass = policy(torch.tensor([prompt]))[0, -1].softmax(-1)[rewarded].sum().item()
+        return mass, metrics
+
+    with torch.no_grad():
+        before = tiny_model(tokenizer).float()(torch.tensor([prompt]))[0, -1].softmax(-1)[rewarded].sum().item()
+    raised, metrics = step(first_half)
+    lowered, _ = step(lambda index, text: 1.0 - first_half(index, text))  # the opposite reward
+    assert 0 < metrics["reward"] < 1 and metrics["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert raised > before * 1.01 and lowered < before / 1.01
+
+
+def test_grpo_refuses_a_group_of_one(tokenizer):
+    with pytest.raises(ValueError, match="group size must be >= 2, got 1: with one completion per prompt every "
+                                         "advantage"):
+        objectives.grpo(None, [[1]], lambda i, text: 0.0, reference=None, group_size=1, kl_beta=0.0)

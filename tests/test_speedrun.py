@@ -20,6 +20,7 @@ TABLE_HEADERS = {  # section title -> the first cells of its table's header row
     "Pretraining": "| steps | parameters | tokens |",
     "SFT": "| held-out metric | before | after |",
     "DPO": "| held-out metric | before | after |",
+    "GRPO, and post-training compared": "| held-out metric | before | after |",
     "int8 quantization (weight-only)": "| variant | val bits/byte |",
     "Serving": "| requests | concurrency | completion tokens |",
 }
@@ -93,15 +94,25 @@ def test_report_numbers_are_the_stage_files_numbers(tiny_run):
     assert tokenizer_row["val tokens"] == f"{index['splits']['val']['tokens']:,}"
     assert tokenizer_row["vocab size"] == "512"
 
-    for stage, title in (("sft", "SFT"), ("dpo", "DPO")):
+    for stage, title in (("sft", "SFT"), ("dpo", "DPO"), ("grpo", "GRPO, and post-training compared")):
         evaluation = json.loads((out_dir / stage / "eval.json").read_text())
         rows = {row["held-out metric"]: row for row in table_rows(found[title])}
-        for name in ("heldout_loss", "preference_accuracy", "multiple_choice_accuracy"):
+        for name in ("heldout_loss", "addition/pass@1", "addition/pass@2", "addition/reward"):
             assert rows[name]["before"] == f"{evaluation['before'][name]:.4f}"
             assert rows[name]["after"] == f"{evaluation['after'][name]:.4f}"
-    # SFT started from the pretrained model and DPO from the SFT model: each "before" is the last "after".
-    sft, dpo = (json.loads((out_dir / s / "eval.json").read_text()) for s in ("sft", "dpo"))
-    assert dpo["before"]["heldout_loss"] == pytest.approx(sft["after"]["heldout_loss"], rel=1e-5)
+    # DPO and GRPO start from the SFT run's checkpoint at step 10 (of 20): the same model, scored alike.
+    sft, dpo, grpo = (json.loads((out_dir / s / "eval.json").read_text()) for s in ("sft", "dpo", "grpo"))
+    assert Path(dpo["init"]).name == Path(grpo["init"]).name == "step_000010" and sft["steps"] == 20
+    assert dpo["before"] == pytest.approx(grpo["before"], rel=1e-6) and grpo["before"] != sft["after"]
+    # The comparison table: one row per model, its numbers those of the eval.json files.
+    body = found["GRPO, and post-training compared"]
+    compared = table_rows(body[body.index("| model |"):])
+    assert [row["model"] for row in compared] == ["base (pretrained)", "SFT step_000010", "SFT -> DPO", "SFT -> GRPO",
+                                                  "SFT, all 20 steps"]
+    for row, metrics in zip(compared, (sft["before"], grpo["before"], dpo["after"], grpo["after"], sft["after"])):
+        assert row["pass@1"] == f"{metrics['addition/pass@1']:.4f}"
+        assert row["reward"] == f"{metrics['addition/reward']:.4f}"
+    assert compared[3]["KL to reference"] == f"{grpo['after']['addition/kl_to_reference']:.4f}"
 
     quant = json.loads((out_dir / "int8" / "quant_report.json").read_text())
     int8_rows = {row["variant"]: row for row in table_rows(found["int8 quantization (weight-only)"])}
@@ -119,6 +130,10 @@ def test_the_server_answered_every_request_and_stopped(tiny_run):
     assert len(requests) == REQUESTS and serving["server_exit_code"] == 0
     assert {r["kind"] for r in requests} == {"chat", "completion"} and {r["stream"] for r in requests} == {True, False}
     assert all(r["text"] and r["completion_tokens"] == MAX_TOKENS for r in requests)  # ignore_eos: all tokens
+    # Held-out task questions asked through the chat API the chat page uses, each scored against its answer.
+    answers = serving["task_answers"]
+    assert [a["question"] for a in answers] == [p.question for p in speedrun.TASK_PROBLEMS]
+    assert all(a["right"] == (a["reply"].replace(" ", "") == a["reference"].replace(" ", "")) for a in answers)
     assert all(r["ttft_s"] is not None and 0 < r["ttft_s"] <= r["latency_s"] for r in requests if r["stream"])
     # The report's latency cells are the percentiles of the per-request latencies serving.json recorded.
     row = table_rows(sections((out_dir / "report.md").read_text())["Serving"])[0]
@@ -158,8 +173,9 @@ def test_gpt2_preset_runs_the_readme_command_under_torchrun():
     assert flags(pretrain)["--out-dir"] == "out/gpt2run/pretrain"
     # The stages chain through the run directory: each reads what the one before wrote.
     assert flags(shlex.split(lines["sft"]))["--init"] == "out/gpt2run/pretrain"
-    assert flags(shlex.split(lines["dpo"]))["--init"] == "out/gpt2run/sft"
-    assert flags(shlex.split(lines["int8"]))["--model"] == "out/gpt2run/dpo"
+    assert flags(shlex.split(lines["dpo"]))["--init"] == "out/gpt2run/sft/step_000250"
+    assert flags(shlex.split(lines["grpo"]))["--init"] == "out/gpt2run/sft/step_000250"
+    assert flags(shlex.split(lines["int8"]))["--model"] == "out/gpt2run/grpo"
     assert flags(shlex.split(lines["serve"]))["--model"] == "out/gpt2run/int8"
     # train.py finds the corpus the tokenizer stage downloaded and tokenized (the same directories).
     tokenizer_stage = flags(shlex.split(lines["tokenizer"]))

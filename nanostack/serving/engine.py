@@ -234,6 +234,14 @@ class Engine:
         self.pending_outputs.append(self._output(request, [], "", finish_reason="abort"))
         return True
 
+    def weights_updated(self) -> None:
+        """Call after changing the model's weights in place (a training step): the prefix cache's K/V were
+        computed by the old weights, so they are dropped. Requests in flight would mix old and new K/V: refused."""
+        if self.scheduler.has_unfinished():
+            raise ValueError(f"weights_updated() with {len(self.scheduler.running) + len(self.scheduler.waiting)} "
+                             f"requests in flight: finish or abort them before changing the weights")
+        self.blocks.clear_prefix_cache()
+
     def has_unfinished(self) -> bool:
         """True while a request is queued or running, or an output is still to be reported."""
         return self.scheduler.has_unfinished() or bool(self.pending_outputs)

@@ -199,6 +199,15 @@ class BlockManager:
                 self.cached[chain[-1]] = block
                 self.block_hashes[block], self.block_tokens[block] = chain[-1], tokens
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block: their K/V came from weights that have since changed. A sequence still
+        holding blocks would keep stale K/V, so the engine calls this only when none is in flight."""
+        for block in self.cached.values():
+            self.block_hashes[block] = self.block_tokens[block] = None
+        self.cached.clear()
+        self.empty_blocks.extend(self.evictable)
+        self.evictable.clear()
+
     def free(self, seq_id) -> None:
         """Drop a sequence's references (a no-op for one holding none); cached blocks stay findable until evicted."""
         self.hash_chains.pop(seq_id, None)
