@@ -1,6 +1,6 @@
 """Pretrain a GPT on a text corpus: `python train.py` trains a tiny model on the Python standard library.
 
-    python train.py                                   # ~3 minutes on 2 CPU cores: out/tokenizer.json, out/data/,
+    python train.py                                   # ~2 minutes on 2 CPU cores: out/tokenizer.json, out/data/,
                                                       # out/pretrain/ (checkpoints, metrics.jsonl), then a sample
     python train.py --depth 6 --steps 2000            # a bigger model (--depth is the one size dial), longer
     python train.py --resume true                     # continue out/pretrain exactly where it stopped

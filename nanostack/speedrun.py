@@ -1,14 +1,14 @@
 """The whole stack in one run: tokenizer -> pretraining -> SFT -> DPO / GRPO -> int8 -> serving, then a report.
 
     python -m nanostack.speedrun                               # 2 CPU cores, embedded corpus: about 5 minutes
-    python -m nanostack.speedrun --tiny true                   # toy sizes, the same path in about a minute (tests)
+    python -m nanostack.speedrun --tiny true                   # toy sizes, the same path in under a minute (tests)
     python -m nanostack.speedrun --preset gpt2 --dry-run true  # print the 8-GPU GPT-2-class commands
 
 The default sizes are each stage's own defaults, so the speedrun is exactly the commands a newcomer types one by
 one, but for post-training: SFT, DPO and GRPO learn 2-digit addition (nanostack/tasks.py), with the flags that
-make that work in a minute or two each (SIZES["cpu"], from bench/bench_posttrain.py's measurements). Before the
-task stages it took 306 s on 2 idle CPU cores (Xeon, torch 2.13 CPU): tokenizer and shards 10 s, pretraining
-173 s (600 steps, val 1.80 bits/byte), int8 13 s, serving 6 s. --tiny shrinks every stage.
+make that work in a minute or two each (SIZES["cpu"], from bench/bench_posttrain.py's measurements). It took 290 s
+on 2 idle CPU cores (AMD EPYC, torch 2.13 CPU): tokenizer and shards 5 s, pretraining 120 s (600 steps, val 1.80
+bits/byte), SFT 85 s, DPO 29 s, GRPO 37 s, int8 11 s, serving 4 s. --tiny shrinks every stage (23 s).
 
 Each stage is the command a user would type (data/prepare.py, train.py, finetune.py, python -m nanostack.quant,
 serve.py), run from the repo root as a subprocess, so the report shows it and any one can be re-run alone.
@@ -109,7 +109,7 @@ GPT2_LAUNCHER = ["torchrun", "--standalone", "--nproc_per_node=8"]
 @dataclass
 class SpeedrunConfig:
     out_dir: str = "out/speedrun"   # run directory: every stage's output, logs/, report.md, plots/
-    tiny: bool = False              # toy sizes everywhere: the whole run in about a minute (what the tests run)
+    tiny: bool = False              # toy sizes everywhere: the whole run in under a minute (what the tests run)
     preset: str = "cpu"             # cpu (the embedded corpus on CPU or one GPU) | gpt2 (an 8-GPU node; see above)
     dry_run: bool = False           # print every stage's command and exit without running anything
     report_only: bool = False       # rebuild report.md and plots/ from an existing run directory, run nothing
