@@ -5,6 +5,7 @@ engine death, shutdown, /metrics counters against what was sent, and the chat pa
 import asyncio
 import concurrent.futures
 import json
+import os
 import random
 import shutil
 import signal
@@ -777,10 +778,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 async def run_page(url: str, timeout: float = 60.0) -> dict:
     """Open url in headless Chromium over the DevTools protocol; wait until the page's reply is done."""
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes can still be writing to the profile as the browser exits; the whole process
+    # group is stopped, and whatever they leave behind in the temporary profile is not the test's business.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                                     f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             port_file = Path(profile) / "DevToolsActivePort"
             deadline = time.monotonic() + timeout
@@ -813,7 +816,7 @@ async def run_page(url: str, timeout: float = 60.0) -> dict:
                         await asyncio.sleep(0.1)
                     raise AssertionError(f"the page did not finish: {state}")
         finally:
-            browser.terminate()
+            os.killpg(browser.pid, signal.SIGTERM)
             browser.wait(10)
 
 
