@@ -12,7 +12,9 @@ when there):
   QAT       finetune.py SFT on the stdlib docstring chat data, once in full precision, once with --qat w8a8 and
             once with --qat int4 (same steps, data and seed). Held-out SFT loss of the full-precision run
             quantized after training (PTQ) against the QAT runs' quantized models. Target: QAT removes >= 50% of
-            PTQ W8A8's increase over full precision.
+            PTQ W8A8's increase over full precision. The runs share seed and data order, so they differ only by
+            the fake quantization; the full-precision run repeated with another seed shows how far apart two
+            equally good models land (reported as the noise floor beside the paired figures).
   QLoRA     the same SFT with LoRA adapters on every block linear, on the float base and on an NF4 base: held-out
             loss, and bytes of the frozen base and of the whole training state (floats counted at bf16, as a
             bf16 LoRA would hold them). Target: QLoRA's held-out loss within 2% of LoRA's.
@@ -92,6 +94,7 @@ SMOKE_SHAPE = dict(hidden=256, kv_out=64, ffn=512, layers=2)
 def run(command: list[str], log: Path, threads: int) -> None:
     """Run a repo script to completion, its output in `log`."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         result = subprocess.run([sys.executable, *command], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if result.returncode:
@@ -142,7 +145,6 @@ def finetune_run(config: BenchConfig, init: Path, name: str, flags: list[str]) -
     out = ROOT / config.work_dir / name
     if not (out / "eval.json").exists():
         print(f"fine-tuning {name}: {' '.join(flags)}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
         run(["finetune.py", "--init", str(init), "--out-dir", str(out), "--steps", str(config.steps),
              "--eval-examples", str(config.eval_examples), "--save-every", str(config.steps), "--device", "cpu",
              *flags], out.parent / f"{name}.log", config.threads)
@@ -152,6 +154,7 @@ def finetune_run(config: BenchConfig, init: Path, name: str, flags: list[str]) -
 def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
     """SFT in full precision, with QAT (w8a8, int4), with LoRA and with QLoRA; held-out losses after PTQ."""
     runs = {"sft": finetune_run(config, init, "sft", []),
+            "sft_other_seed": finetune_run(config, init, "sft_other_seed", ["--seed", "1"]),
             "qat_w8a8": finetune_run(config, init, "qat_w8a8", ["--qat", "w8a8"]),
             "qat_int4": finetune_run(config, init, "qat_int4", ["--qat", "int4", "--qat-group-size",
                                                                 str(config.group_size)])}
@@ -160,10 +163,11 @@ def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
     runs["qlora"] = finetune_run(config, init, "qlora", lora_flags + ["--base-quant", "nf4"])
 
     # The held-out SFT loss of every model on the same conversations finetune.py evaluated on.
-    datasets = finetune.load_datasets(finetune.FinetuneConfig(eval_examples=config.eval_examples))
+    finetune_config = finetune.FinetuneConfig(eval_examples=config.eval_examples)
+    datasets = finetune.load_datasets(finetune_config)
     sft = checkpoint.load_checkpoint(runs["sft"]["out_dir"])
     evaluator = finetune.Evaluator(sft["tokenizer"], datasets, sft["config"].max_seq_len, 8,
-                                   autocast_context("float32", torch.device("cpu")), progress=False)
+                                   autocast_context("float32", torch.device("cpu")), False, finetune_config)
 
     def heldout(model):
         return evaluator.heldout_loss(model.eval())["heldout_loss"]
@@ -174,7 +178,9 @@ def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
     ptq = {"w8a8": dict(mode="w8a8"), "w8a8+smoothquant(0.5)": dict(mode="w8a8", smooth_alpha=0.5),
            "int4-rtn": dict(mode="int4", group_size=config.group_size),
            "int4-gptq": dict(mode="int4", group_size=config.group_size, int4_method="gptq")}
-    rows = [{"model": "sft, full precision", "heldout_loss": full}]
+    rows = [{"model": "sft, full precision", "heldout_loss": full},
+            {"model": "sft, another seed (noise floor)",
+             "heldout_loss": heldout(checkpoint.load_checkpoint(runs["sft_other_seed"]["out_dir"])["model"])}]
     for name, settings in ptq.items():
         model = quant.quantize_model(quant.copy_model(sft["model"]), calibration_batches=calibration, **settings)
         rows.append({"model": f"sft, then PTQ {name}", "heldout_loss": heldout(model)})
@@ -185,6 +191,7 @@ def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
         row["increase_percent"] = 100 * (row["heldout_loss"] / full - 1)
     by_model = {row["model"]: row["increase_percent"] for row in rows}
 
+
     def removed(ptq_name, qat_name):
         ptq_increase = by_model[ptq_name]
         return (ptq_increase - by_model[qat_name]) / ptq_increase if ptq_increase > 0 else None
@@ -192,7 +199,7 @@ def qat_and_qlora(config: BenchConfig, init: Path) -> dict:
     lora, qlora = runs["lora"], runs["qlora"]
     qlora_row = {run: {"heldout_loss": runs[run]["after"]["heldout_loss"], **runs[run]["memory_bytes"],
                        "step_seconds": runs[run]["step_seconds"]} for run in ("lora", "qlora")}
-    return {"qat": {"rows": rows,
+    return {"qat": {"rows": rows, "noise_floor_percent": abs(by_model["sft, another seed (noise floor)"]),
                     "qat_removes_of_ptq_w8a8_increase": removed("sft, then PTQ w8a8", "QAT w8a8, quantized"),
                     "qat_removes_of_ptq_int4_increase": removed("sft, then PTQ int4-rtn", "QAT int4, quantized")},
             "qlora": {**qlora_row, "qlora_vs_lora_heldout_loss": qlora["after"]["heldout_loss"]
