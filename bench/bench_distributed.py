@@ -91,7 +91,7 @@ def launch(config: BenchConfig, strategy: str, ac: str, ranks: int) -> dict:
     flags = [f"--device={config.device}", f"--depth={config.depth}", f"--vocab-size={config.vocab_size}",
              f"--seq-len={config.seq_len}", f"--batch-size={config.batch_size}", f"--steps={config.steps}",
              f"--compile={config.compile}"]
-    return run_job(__file__, 1 if strategy == "none" else ranks, flags, f"{strategy}:{ac}")
+    return run_job(__file__, ranks, flags, f"{strategy}:{ac}", torchrun=strategy != "none")
 
 
 def main() -> None:

@@ -113,12 +113,14 @@ def write_result(name: str, results: dict, device="cpu") -> Path:
     return path
 
 
-def run_job(script, ranks: int, flags: list[str], payload: str):
-    """Run `script *flags --worker=RESULT:payload` as one process (ranks=1) or a torchrun job of `ranks` processes on
-    this machine, and return the JSON the job's rank 0 wrote to RESULT."""
+def run_job(script, ranks: int, flags: list[str], payload: str, *, torchrun: bool | None = None):
+    """Run `script *flags --worker=RESULT:payload` as one plain process or a torchrun job of `ranks` processes on
+    this machine, and return the JSON the job's rank 0 wrote to RESULT. torchrun defaults to ranks > 1; DDP and
+    FSDP2 need it (their process group) on one rank too."""
+    torchrun = ranks > 1 if torchrun is None else torchrun
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        launcher = [sys.executable] if ranks == 1 else [
+        launcher = [sys.executable] if not torchrun else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         subprocess.run(launcher + [str(script), *flags, f"--worker={out}:{payload}"], check=True, env=env)
