@@ -196,7 +196,9 @@ class StageChunk(nn.Module):
         self.stage, self.n_stages, self.sequence_shards = stage, n_stages, sequence_shards
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in stage_layers(len(model.layers), n_stages, stage)})
         self.tok_emb = model.tok_emb if stage == 0 else None
-        self.norm, self.lm_head = (model.norm, model.lm_head) if stage == n_stages - 1 else (None, None)
+        last = stage == n_stages - 1
+        self.norm, self.lm_head = (model.norm, model.lm_head) if last else (None, None)  # registered: their weights
+        self.lm_logits = model.lm_logits if last else None  # a bound method, not a submodule: computed as GPT does
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
@@ -207,10 +209,7 @@ class StageChunk(nn.Module):
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]  # (T, hd): attention sees whole sequences
         for layer in self.layers.values():
             x = layer(x, cos, sin)
-        if self.norm is None:
-            return x
-        logits = self.lm_head(self.norm(x))  # as GPT.lm_logits (pp needs untied embeddings)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return x if self.lm_logits is None else self.lm_logits(x)
 
 
 def pipeline_stage(model: nn.Module, rank: int, pp: int, virtual: int = 1, sequence_shards: int = 1) -> list:
