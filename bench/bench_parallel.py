@@ -14,8 +14,9 @@ vocab x n_embd x (1 - 1/tp): DTensor's embedding backward produces the table's g
 The pipeline bubble is measured with the real schedules (torch.distributed.pipelining over gloo) running stages
 whose compute is a fixed wait, FORWARD_S per micro-batch forward and twice that backward: waiting costs no CPU,
 so what is measured is the schedule's idle time and not the shared machine's. bubble = 1 - m * (f + b) / step
-time, against the formula (p - 1) / (m + p - 1) for p stages and m micro-batches, for GPipe and 1F1B; it also
-counts the most micro-batches whose activations stage 0 holds at once (m for GPipe, p for 1F1B).
+time, against the formula (p - 1) / (v m + p - 1) for p ranks, m micro-batches and v stages per rank: GPipe
+and 1F1B (v = 1), interleaved 1F1B (v = 2, each stage half a rank's wait). It also counts the most micro-batches
+whose activations rank 0 holds at once (m for GPipe, p for 1F1B, a little more interleaved: a chunk's count 1/v).
 """
 import argparse
 import json
@@ -36,7 +37,7 @@ from bench.common import local_bytes, print_table, run_job, write_result  # noqa
 from nanostack import distributed  # noqa: E402
 from nanostack.cli import add_dataclass_args, dataclass_from_args  # noqa: E402
 from nanostack.model import GPT, ModelConfig  # noqa: E402
-from nanostack.parallel import Pipeline, clip_grad_norm_, vocab_parallel_loss  # noqa: E402
+from nanostack.parallel import Pipeline, clip_grad_norm_, rank_stages, vocab_parallel_loss  # noqa: E402
 from nanostack.training import TrainConfig, make_optimizer, peak_flops  # noqa: E402
 
 FORWARD_S = 0.02
@@ -126,50 +127,55 @@ def run_layout(config: BenchConfig, layout: dict) -> dict:
 
 
 class Wait(torch.autograd.Function):
-    """A stage's stand-in compute: FORWARD_S forward, twice that backward; counts micro-batches in flight."""
+    """A stage's stand-in compute: `seconds` forward, twice that backward; counts the activations held, in
+    micro-batches of a whole rank's layers (an interleaved chunk's count as 1/v)."""
     in_flight = most_in_flight = 0
 
     @staticmethod
-    def forward(ctx, x):
-        time.sleep(FORWARD_S)
-        Wait.in_flight += 1
+    def forward(ctx, x, seconds, share):
+        ctx.seconds, ctx.share = seconds, share
+        time.sleep(seconds)
+        Wait.in_flight += share
         Wait.most_in_flight = max(Wait.most_in_flight, Wait.in_flight)
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        time.sleep(2 * FORWARD_S)
-        Wait.in_flight -= 1
-        return grad.clone()
+        time.sleep(2 * ctx.seconds)
+        Wait.in_flight -= ctx.share
+        return grad.clone(), None, None
 
 
 class WaitStage(torch.nn.Module):
-    def __init__(self):
+    """One of a rank's v stages: 1/v of its FORWARD_S."""
+
+    def __init__(self, virtual: int):
         super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.scale, self.virtual = torch.nn.Parameter(torch.ones(())), virtual
 
     def forward(self, x):
-        return Wait.apply(x * self.scale)
+        return Wait.apply(x * self.scale, FORWARD_S / self.virtual, 1 / self.virtual)
 
 
 def run_bubble(steps: int) -> list[dict]:
     """Under torchrun with p ranks on CPU: each schedule and micro-batch count, its step time and bubble."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     dist.init_process_group("gloo")
-    stage_index, n_stages = dist.get_rank(), dist.get_world_size()
+    rank, p = dist.get_rank(), dist.get_world_size()
     rows = []
-    for kind, schedule_class in (("gpipe", ScheduleGPipe), ("1f1b", Schedule1F1B)):
+    for kind, schedule_class, v in (("gpipe", ScheduleGPipe, 1), ("1f1b", Schedule1F1B, 1),
+                                    ("interleaved-1f1b", ScheduleInterleaved1F1B, 2)):
         for m in (1, 2, 4, 8, 16):
-            if kind == "1f1b" and m < n_stages:
+            if (kind == "1f1b" and m < p) or (v > 1 and m % p):  # what the schedules (and distributed.py) refuse
                 continue
-            stage = PipelineStage(WaitStage(), stage_index, n_stages, torch.device("cpu"))
-            schedule = schedule_class(stage, m, loss_fn=lambda out, target: out.mean())
+            stages = [PipelineStage(WaitStage(v), s, v * p, torch.device("cpu")) for s in rank_stages(p, rank, v)]
+            schedule = schedule_class(stages if v > 1 else stages[0], m, loss_fn=lambda out, target: out.mean())
             x = torch.ones(m, 4)
 
             def step():
-                if stage_index == 0:
+                if rank == 0:
                     schedule.step(x)
-                elif stage_index == n_stages - 1:
+                elif rank == p - 1:
                     schedule.step(target=x)
                 else:
                     schedule.step()
@@ -182,10 +188,10 @@ def run_bubble(steps: int) -> list[dict]:
                 step()
             step_s = (time.perf_counter() - start) / steps
             held = torch.tensor([Wait.most_in_flight])
-            dist.broadcast(held, src=0)  # stage 0's count: it holds the most
-            rows.append({"schedule": kind, "stages": n_stages, "micro_batches": m, "step_s": step_s,
-                         "bubble": 1 - m * 3 * FORWARD_S / step_s, "formula": (n_stages - 1) / (m + n_stages - 1),
-                         "stage0_most_in_flight": int(held)})
+            dist.broadcast(held, src=0)  # rank 0's count: it holds the most
+            rows.append({"schedule": kind, "stages": p, "virtual": v, "micro_batches": m, "step_s": step_s,
+                         "bubble": 1 - m * 3 * FORWARD_S / step_s, "formula": (p - 1) / (v * m + p - 1),
+                         "stage0_most_in_flight": float(held)})
     dist.destroy_process_group()
     return rows
 

@@ -40,7 +40,7 @@ class ParallelConfig:
     dp: int = 0                     # data-parallel ranks; 0 = world size / (tp * pp)
     tp: int = 1                     # tensor-parallel ranks: each layer's heads and hidden units split over them
     pp: int = 1                     # pipeline stages: layers cut in pp runs that pass the --grad-accum micro-batches on
-    pp_schedule: str = "1f1b"       # gpipe | 1f1b (one forward, one backward; needs --grad-accum >= --pp)
+    pp_schedule: str = "1f1b"       # gpipe | 1f1b (needs --grad-accum >= --pp) | interleaved-1f1b (2 stages a rank)
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (keep matmul outputs)
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory, one more gather)
     sharded_checkpoint: bool = False  # save torch.distributed.checkpoint shards (models too big for a host; --pp: on)
@@ -135,11 +135,28 @@ def parallelize(model: torch.nn.Module, config: ParallelConfig, rank: Rank, *, c
     """Wrap `model` for training: tensor parallel, activation checkpointing, compile, pipeline split, FSDP2/DDP.
 
     Returns what the training step calls: `model` itself (sharded in place by tp and FSDP2), a DDP wrapper
-    around it, or with --pp a parallel.Pipeline running this rank's stage (`model` is cut down to the stage).
+    around it, or with --pp a parallel.Pipeline running this rank's stages (`model` is cut down to their layers).
     `micro_batches` (the gradient accumulation) is the number of micro-batches a pipeline step carries.
     """
     if config.strategy not in ("none", "ddp", "fsdp"):
         raise ValueError(f"strategy must be none, ddp or fsdp, got {config.strategy!r}")
+    if config.pp_schedule not in parallel.PIPELINE_SCHEDULES:
+        raise SettingsError(f"pp_schedule must be one of {parallel.PIPELINE_SCHEDULES}, got {config.pp_schedule!r}")
+    if config.pp > 1 and config.pp_schedule == "1f1b" and micro_batches < config.pp:
+        raise SettingsError(f"--pp-schedule 1f1b keeps --pp {config.pp} micro-batches in flight, but --grad-accum is "
+                         f"{micro_batches}: raise --grad-accum to at least {config.pp} (the bubble is (pp-1)/"
+                         f"(grad_accum+pp-1) of a step) or use --pp-schedule gpipe")
+    virtual = parallel.VIRTUAL_STAGES[config.pp_schedule]  # pipeline stages per pp rank
+    # Megatron's rule for interleaving: micro-batches go round in groups of pp (torch's schedule refuses some
+    # other counts, and with fewer than pp there is nothing to interleave).
+    if config.pp > 1 and virtual > 1 and micro_batches % config.pp:
+        raise SettingsError(f"--pp-schedule interleaved-1f1b sends micro-batches round in groups of --pp {config.pp}, "
+                            f"but --grad-accum is {micro_batches}: make --grad-accum a multiple of {config.pp}, or "
+                            f"use --pp-schedule 1f1b")
+    if config.pp > 1 and virtual * config.pp > model.config.n_layer:
+        raise SettingsError(f"--pp-schedule interleaved-1f1b cuts the model into {virtual} x --pp {config.pp} = "
+                            f"{virtual * config.pp} stages of at least one layer each, but it has "
+                            f"{model.config.n_layer}: use --pp-schedule 1f1b or a smaller --pp")
     if (config.strategy != "none" or config.tp > 1 or config.pp > 1) and not dist.is_initialized():
         flags = " ".join(f"--{name} {value}" for name, value in (("strategy", config.strategy), ("tp", config.tp),
                                                                   ("pp", config.pp)) if value not in ("none", 1))
@@ -152,12 +169,6 @@ def parallelize(model: torch.nn.Module, config: ParallelConfig, rank: Rank, *, c
                          f"(or make --tp x --pp the world size)")
     if config.strategy == "ddp" and (config.tp > 1 or config.pp > 1):
         raise SettingsError("DDP keeps whole replicas: with --tp or --pp use --strategy fsdp (or none) over dp")
-    if config.pp_schedule not in parallel.PIPELINE_SCHEDULES:
-        raise SettingsError(f"pp_schedule must be one of {parallel.PIPELINE_SCHEDULES}, got {config.pp_schedule!r}")
-    if config.pp > 1 and config.pp_schedule == "1f1b" and micro_batches < config.pp:
-        raise SettingsError(f"--pp-schedule 1f1b keeps --pp {config.pp} micro-batches in flight, but --grad-accum is "
-                         f"{micro_batches}: raise --grad-accum to at least {config.pp} (the bubble is (pp-1)/"
-                         f"(grad_accum+pp-1) of a step) or use --pp-schedule gpipe")
     parallel.check_model_fits(model.config, config.tp, config.pp)
     if config.tp > 1:
         parallel.apply_tensor_parallel(model, rank.mesh["tp"], plain_outputs=config.pp == 1)
@@ -165,12 +176,16 @@ def parallelize(model: torch.nn.Module, config: ParallelConfig, rank: Rank, *, c
     if compile:
         for block in model.layers:
             block.compile()
+    stages = [model]  # what runs as a whole: the model, or this rank's pipeline stages (sharing its modules)
     if config.pp > 1:
-        parallel.pipeline_stage(model, rank.mesh.get_local_rank("pp"), config.pp, sequence_shards=config.tp)
+        stages = parallel.pipeline_stage(model, rank.mesh.get_local_rank("pp"), config.pp, virtual,
+                                         sequence_shards=config.tp)
     if config.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for module in parallel.blocks(model) + [model]:
+        # Each block is a unit; the outer ones (the model, or its pipeline stages: what a step calls) also hold
+        # the embedding, norm and LM head.
+        for module in parallel.blocks(model) + stages:
             fully_shard(module, mesh=rank.mesh["dp"], mp_policy=policy,
                         reshard_after_forward=config.reshard_after_forward)
     if config.strategy == "ddp":
@@ -178,7 +193,7 @@ def parallelize(model: torch.nn.Module, config: ParallelConfig, rank: Rank, *, c
         device_ids = [rank.device.index] if rank.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     if config.pp > 1:
-        return parallel.Pipeline(model, rank.mesh, config.pp_schedule, micro_batches, rank.device)
+        return parallel.Pipeline(stages, rank.mesh, config.pp_schedule, micro_batches, rank.device)
     return model
 
 

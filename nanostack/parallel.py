@@ -1,4 +1,5 @@
-"""Model parallelism on a DeviceMesh: tensor parallel (Megatron-LM, with DTensor) and pipeline parallel (GPipe, 1F1B).
+"""Model parallelism on a DeviceMesh: tensor parallel (Megatron-LM, with DTensor) and pipeline parallel (GPipe, 1F1B,
+interleaved 1F1B).
 
 The world of `dp x tp x pp` ranks is one `DeviceMesh` with dims (pp, dp, tp); tp is innermost, so a tensor-parallel
 group is neighbouring ranks (one node's fast links), and a pipeline hop is the rarest message, so it may cross
@@ -32,11 +33,13 @@ Tensor parallel (Shoeybi et al. 2019), as PyTorch's `parallelize_module` plans:
 Pipeline parallel (torch.distributed.pipelining): the layers are cut into pp contiguous stages of nearly equal
 count; a step's gradient-accumulation micro-batches flow through them in the GPipe order (all forwards, then
 all backwards) or 1F1B (one forward, one backward, once the pipe is full: the same bubble, fewer live
-activations). The bubble is (pp - 1) / (m + pp - 1) of the step for m micro-batches. The loss is computed on
-the last stage and broadcast to the others for logging.
+activations). The bubble is (pp - 1) / (m + pp - 1) of the step for m micro-batches. Interleaved 1F1B (Narayanan
+et al. 2021, Megatron-LM's virtual stages) cuts the layers into 2 pp stages instead, rank r running stages r and
+r + pp: a micro-batch passes every rank twice, each pass half as long, so the bubble shrinks to
+(pp - 1) / (2 m + pp - 1), for twice the point-to-point messages. The loss is computed on the last stage and
+broadcast to the others for logging.
 """
 import contextlib
-import functools
 
 import torch
 import torch.distributed as dist
@@ -55,7 +58,8 @@ MESH_DIMS = ("pp", "dp", "tp")
 # so a bias there would be added once, after the sum: the model has none).
 TP_SPLIT = {"attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise", "attn.wo": "rowwise",
             "mlp.w_gate": "colwise", "mlp.w_up": "colwise", "mlp.w_down": "rowwise"}
-PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2}  # stages (model chunks) per pp rank
 
 
 def build_mesh(device_type: str, world_size: int, dp: int, tp: int, pp: int) -> DeviceMesh:
@@ -174,34 +178,55 @@ def stage_layers(n_layer: int, n_stages: int, stage: int) -> range:
     return range(bounds[stage], bounds[stage + 1])
 
 
-def _stage_forward(model, x, *, sequence_shards: int):
-    """A pipeline stage's forward: token ids (B, T) into the first, hidden states (B, T/tp, n_embd) between
-    stages, logits out of the last. Under sequence parallelism each rank holds T/tp positions of the stream."""
-    if model.tok_emb is not None:
-        x = model.tok_emb(x)
-    seq_len = x.shape[1] * sequence_shards
-    cos, sin = model.rope_cos[:seq_len], model.rope_sin[:seq_len]  # (T, hd): attention sees whole sequences
-    for layer in model.layers.values():
-        x = layer(x, cos, sin)
-    return x if model.norm is None else model.lm_logits(x)
+def rank_stages(pp: int, rank: int, virtual: int = 1) -> list[int]:
+    """The stages pp rank `rank` runs, of virtual * pp: one, or with interleaving `virtual` of them round-robin
+    (rank r: r, r + pp, ...), so a micro-batch visits every rank `virtual` times on its way through."""
+    return [rank + chunk * pp for chunk in range(virtual)]
 
 
-def pipeline_stage(model: nn.Module, stage: int, n_stages: int, sequence_shards: int = 1) -> nn.Module:
-    """Cut a GPT down to one stage in place: its layers, plus the embedding on the first stage and the final
-    norm and LM head on the last. Parameter names stay those of the whole model (layers.<i>...), so sharded
-    checkpoints reshard between pipeline layouts."""
-    keep = stage_layers(len(model.layers), n_stages, stage)
-    model.layers = nn.ModuleDict({str(i): model.layers[i] for i in keep})
-    if stage > 0:
+class StageChunk(nn.Module):
+    """One pipeline stage, as a PipelineStage runs it: its layers, plus the embedding on the first stage and the
+    final norm and LM head on the last. It holds the model's own modules (nothing is copied), so the optimizer,
+    FSDP2 and checkpoints keep seeing one model per rank. Token ids (B, T) go into the first stage, hidden states
+    (B, T/tp, n_embd) between stages, logits out of the last; under sequence parallelism each rank holds T/tp
+    positions of the stream."""
+
+    def __init__(self, model: nn.Module, stage: int, n_stages: int, sequence_shards: int):
+        super().__init__()
+        self.stage, self.n_stages, self.sequence_shards = stage, n_stages, sequence_shards
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in stage_layers(len(model.layers), n_stages, stage)})
+        self.tok_emb = model.tok_emb if stage == 0 else None
+        last = stage == n_stages - 1
+        self.norm, self.lm_head = (model.norm, model.lm_head) if last else (None, None)  # registered: their weights
+        self.lm_logits = model.lm_logits if last else None  # a bound method, not a submodule: computed as GPT does
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x):
+        if self.tok_emb is not None:
+            x = self.tok_emb(x)
+        seq_len = x.shape[1] * self.sequence_shards
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]  # (T, hd): attention sees whole sequences
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        return x if self.lm_logits is None else self.lm_logits(x)
+
+
+def pipeline_stage(model: nn.Module, rank: int, pp: int, virtual: int = 1, sequence_shards: int = 1) -> list:
+    """Cut a GPT down in place to pp rank `rank`'s stages (see rank_stages) and return them as StageChunks.
+    The model keeps their layers under the whole model's names (layers.<i>...), and the embedding or the final
+    norm and LM head only where its stages use them, so sharded checkpoints reshard between pipeline layouts."""
+    chunks = [StageChunk(model, stage, pp * virtual, sequence_shards) for stage in rank_stages(pp, rank, virtual)]
+    model.layers = nn.ModuleDict({name: layer for chunk in chunks for name, layer in chunk.layers.items()})
+    if chunks[0].tok_emb is None:  # stage 0 is the first chunk of rank 0, the last stage the last chunk of pp - 1
         model.tok_emb = None
-    if stage < n_stages - 1:
+    if chunks[-1].norm is None:
         model.norm = model.lm_head = None
-    model.forward = functools.partial(_stage_forward, model, sequence_shards=sequence_shards)
-    return model
+    return chunks
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks this rank holds (all of them, or its pipeline stage's)."""
+    """The transformer blocks this rank holds (all of them, or its pipeline stages')."""
     return list(model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers)
 
 
@@ -211,22 +236,26 @@ def next_token_loss(logits, targets):
 
 
 class Pipeline:
-    """This rank's stage and its schedule. `step(micro_batches)` runs one optimizer step's forward and backward
-    passes in the schedule's order; calling it on inputs runs forward only (logits on the last stage)."""
+    """This rank's stages (one, or two chunks when interleaved) and their schedule. `step(micro_batches)` runs
+    one optimizer step's forward and backward passes in the schedule's order; calling it on inputs runs forward
+    only (logits on the last stage)."""
 
-    def __init__(self, stage_model: nn.Module, mesh: DeviceMesh, schedule: str, n_microbatches: int,
+    def __init__(self, chunks: list[StageChunk], mesh: DeviceMesh, schedule: str, n_microbatches: int,
                  device: torch.device):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
         pp_mesh = mesh["pp"]
         self.group, self.tp = pp_mesh.get_group(), mesh["tp"].size()
-        index, n_stages = pp_mesh.get_local_rank(), pp_mesh.size()
-        self.is_first, self.is_last = index == 0, index == n_stages - 1
-        self.last_stage_rank = dist.get_global_rank(self.group, n_stages - 1)
+        self.is_first, self.is_last = chunks[0].stage == 0, chunks[-1].stage == chunks[-1].n_stages - 1
+        self.last_stage_rank = dist.get_global_rank(self.group, pp_mesh.size() - 1)
         self.device = device
-        stage = PipelineStage(stage_model, index, n_stages, device, group=self.group)
+        stages = [PipelineStage(chunk, chunk.stage, chunk.n_stages, device, group=self.group) for chunk in chunks]
         # scale_grads: gradients are divided by the micro-batch count, as `loss / grad_accum` does without pp.
-        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-        self.schedule = kind(stage, n_microbatches, loss_fn=next_token_loss, scale_grads=True)
+        if schedule == "interleaved-1f1b":
+            self.schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=next_token_loss, scale_grads=True)
+        else:
+            kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+            self.schedule = kind(stages[0], n_microbatches, loss_fn=next_token_loss, scale_grads=True)
 
     def _run(self, run, inputs, targets, losses, **kwargs):
         args = (inputs,) if self.is_first else ()

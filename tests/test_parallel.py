@@ -5,7 +5,9 @@ reference is the same `run_layout` in this process with the same global batch. E
 the reference's per-step losses and gradient norms (gradients are clipped every step, so a wrong global norm
 would change every update), its evaluation, and after consolidation its final weights; the bf16 layout its
 losses within bf16 rounding. Some layouts recompute activations (full or selective checkpointing). Checkpoints
-saved at (dp 2, tp 2) resume at (dp 4), (pp 2) and in one process.
+saved at (dp 2, tp 2) resume at (dp 4), (pp 2) and in one process. The interleaved-1f1b layouts train a 4-layer
+model (the "-deep" reference), so each of the 2 pp ranks runs 2 stages of one layer; the (pp 2, dp 2) one's
+sharded checkpoint resumes in one process.
 """
 import json
 import os
@@ -34,6 +36,8 @@ FOUR_RANKS = [  # (name, ParallelConfig fields, per-rank batch settings, run to 
     ("dp4-from-fsdp-tp", {"strategy": "fsdp", "sharded_checkpoint": True}, {"batch_size": 1}, "fsdp-tp"),
     ("pp-fsdp-bf16", {"strategy": "fsdp", "pp": 2, "activation_checkpointing": "selective"},
      {"batch_size": 1, "grad_accum": 2, "dtype": "bfloat16"}, None),
+    ("pp-fsdp-interleaved-deep", {"strategy": "fsdp", "pp": 2, "pp_schedule": "interleaved-1f1b"},
+     {"batch_size": 1, "grad_accum": 2}, None),
 ]
 TWO_RANKS = [
     ("tp", {"tp": 2, "activation_checkpointing": "selective"}, {}, None),
@@ -42,14 +46,17 @@ TWO_RANKS = [
     ("pp-from-fsdp-tp", {"pp": 2, "pp_schedule": "gpipe"}, {}, "fsdp-tp"),  # sharded (dp 2, tp 2) -> (pp 2)
     ("pp-from-tp", {"pp": 2, "pp_schedule": "gpipe"}, {}, "tp"),  # a full checkpoint into pipeline stages
     ("tp-moe", {"tp": 2}, {}, None),
+    ("pp-interleaved-deep", {"pp": 2, "pp_schedule": "interleaved-1f1b", "activation_checkpointing": "full"},
+     {"batch_size": 2, "grad_accum": 2}, None),
 ]
-MOE = {"n_expert": 2, "qkv_bias": True, "qk_norm": True}  # the tp-moe layout's model, with Qwen's attention
+# The models of layouts named "...-moe" (with Qwen's attention) and "...-deep" (2 layers per pipeline rank).
+MODELS = {"moe": {"n_expert": 2, "qkv_bias": True, "qk_norm": True}, "deep": {"n_layer": 4}}
 BF16 = {"dtype": "bfloat16"}  # the single-bf16 reference: bf16 autocast (the layout: autocast, FSDP2 casts weights)
 
 
 def specs(layouts) -> str:
     return json.dumps([{"name": name, "parallel": par, "train": batch, "resume_from": source,
-                        **({"model": MOE} if name.endswith("moe") else {})}
+                        **({"model": MODELS[kind]} if (kind := name.rsplit("-", 1)[-1]) in MODELS else {})}
                        for name, par, batch, source in layouts])
 
 
@@ -73,11 +80,14 @@ def work(tmp_path_factory, tokenizer):
 def runs(work):
     """Every layout's run directory, in `work`: the references, then the 4-rank job, then the 2-rank job."""
     run_layout(work, {"name": "single"})
-    run_layout(work, {"name": "single-moe", "model": MOE})
+    for kind, model in MODELS.items():
+        run_layout(work, {"name": f"single-{kind}", "model": model})
     run_layout(work, {"name": "single-bf16", "train": BF16})
     succeeded(torchrun(4, "tests/parallel_worker.py", str(work), specs(FOUR_RANKS)))
     succeeded(torchrun(2, "tests/parallel_worker.py", str(work), specs(TWO_RANKS)))
     run_layout(work, {"name": "one-from-fsdp-tp", "resume_from": "fsdp-tp"})  # (dp 2, tp 2) -> one process
+    run_layout(work, {"name": "one-from-pp-fsdp-interleaved-deep", "model": MODELS["deep"],  # 2 stages a rank ->
+                      "train": {"batch_size": 2, "grad_accum": 2}, "resume_from": "pp-fsdp-interleaved-deep"})  # one
     return work
 
 
@@ -98,10 +108,11 @@ def final_weights(run: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name, *_ in FOUR_RANKS + TWO_RANKS] + ["one-from-fsdp-tp"])
+@pytest.mark.parametrize("name", [name for name, *_ in FOUR_RANKS + TWO_RANKS]
+                         + ["one-from-fsdp-tp", "one-from-pp-fsdp-interleaved-deep"])
 def test_layout_matches_one_process(runs, name):
     kind = name.rsplit("-", 1)[-1]
-    reference = runs / ("single-" + kind if kind in ("moe", "bf16") else "single")
+    reference = runs / ("single-" + kind if kind in ("bf16", *MODELS) else "single")
     (steps, evaluation), (ref_steps, ref_evaluation) = metrics(runs / name), metrics(reference)
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     if kind == "bf16":  # bf16 rounds differently where FSDP2 casts the weights and autocast the matmul inputs
@@ -201,6 +212,51 @@ def test_stages_cover_the_layers_in_order_evenly(n_layer):
         stages = [parallel.stage_layers(n_layer, n_stages, s) for s in range(n_stages)]
         assert [i for stage in stages for i in stage] == list(range(n_layer))
         assert max(map(len, stages)) - min(map(len, stages)) <= 1
+
+
+@pytest.mark.parametrize("pp,virtual", [(1, 2), (2, 1), (2, 2), (3, 2), (4, 2)])
+def test_interleaved_stages_go_round_robin_and_cover_the_layers_once(pp, virtual):
+    n_stages = pp * virtual
+    owners = {stage: rank for rank in range(pp) for stage in parallel.rank_stages(pp, rank, virtual)}
+    assert sorted(owners) == list(range(n_stages)) and all(owners[s] == s % pp for s in owners)
+    for n_layer in range(n_stages, 9):
+        in_stage_order = [i for stage in range(n_stages) for i in parallel.stage_layers(n_layer, n_stages, stage)]
+        assert in_stage_order == list(range(n_layer))
+
+
+def test_a_ranks_chunks_share_its_model_and_chain_into_the_whole_forward():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, n_layer=4, n_head=2, n_kv_head=2, n_embd=32, max_seq_len=16)
+    whole = GPT(config)
+    ranks = [GPT(config) for _ in range(2)]
+    for model in ranks:
+        model.load_state_dict(whole.state_dict())
+    chunks = {}
+    for rank, model in enumerate(ranks):
+        own = parallel.pipeline_stage(model, rank, pp=2, virtual=2)
+        assert [c.stage for c in own] == [rank, rank + 2]
+        assert list(model.layers) == [str(rank), str(rank + 2)]  # one layer per stage, under its own name
+        assert (model.tok_emb is not None, model.norm is not None) == (rank == 0, rank == 1)
+        shared = [p for c in own for p in c.parameters()]
+        assert len(shared) == len({id(p) for p in shared}) == len(list(model.parameters()))  # each once, none copied
+        assert {id(p) for p in shared} == {id(p) for p in model.parameters()}
+        chunks.update({c.stage: c for c in own})
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        out = x
+        for stage in range(4):
+            out = chunks[stage](out)
+        torch.testing.assert_close(out, whole(x))
+
+
+def test_interleaving_refuses_micro_batch_counts_it_cannot_group_and_too_few_layers():
+    model = GPT(ModelConfig(vocab_size=64, n_layer=4, n_head=2, n_kv_head=2, n_embd=32, max_seq_len=16))
+    interleaved = distributed.ParallelConfig(pp=2, pp_schedule="interleaved-1f1b")
+    with pytest.raises(SettingsError, match="--grad-accum is 3: make --grad-accum a multiple of 2"):
+        distributed.parallelize(model, interleaved, distributed.Rank(), micro_batches=3)
+    with pytest.raises(SettingsError, match="2 x --pp 4 = 8 stages of at least one layer each, but it has 4"):
+        distributed.parallelize(model, distributed.ParallelConfig(pp=4, pp_schedule="interleaved-1f1b"),
+                                distributed.Rank(), micro_batches=4)
 
 
 def test_clip_grad_norm_matches_torch_on_one_process():
