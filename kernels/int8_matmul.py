@@ -134,7 +134,7 @@ def _int8_matmul_kernel(A, B, C, AScale, BScale, M, N, K, M_BUCKET,
         k_ok = offs_k < K - k_start
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # named: Triton before 3.9 defaults to float32 and refuses
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if HAS_SCALES:
