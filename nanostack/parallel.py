@@ -58,8 +58,8 @@ MESH_DIMS = ("pp", "dp", "tp")
 # so a bias there would be added once, after the sum: the model has none).
 TP_SPLIT = {"attn.wq": "colwise", "attn.wk": "colwise", "attn.wv": "colwise", "attn.wo": "rowwise",
             "mlp.w_gate": "colwise", "mlp.w_up": "colwise", "mlp.w_down": "rowwise"}
-PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
-VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2}  # stages (model chunks) per pp rank
+VIRTUAL_STAGES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2}  # each schedule's stages (model chunks) per pp rank
+PIPELINE_SCHEDULES = tuple(VIRTUAL_STAGES)
 
 
 def build_mesh(device_type: str, world_size: int, dp: int, tp: int, pp: int) -> DeviceMesh:
@@ -251,11 +251,10 @@ class Pipeline:
         self.device = device
         stages = [PipelineStage(chunk, chunk.stage, chunk.n_stages, device, group=self.group) for chunk in chunks]
         # scale_grads: gradients are divided by the micro-batch count, as `loss / grad_accum` does without pp.
-        if schedule == "interleaved-1f1b":
-            self.schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=next_token_loss, scale_grads=True)
-        else:
-            kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-            self.schedule = kind(stages[0], n_microbatches, loss_fn=next_token_loss, scale_grads=True)
+        # The single-stage schedules take one stage, the multi-stage one the list.
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}[schedule]
+        self.schedule = kind(stages if len(stages) > 1 else stages[0], n_microbatches, loss_fn=next_token_loss,
+                             scale_grads=True)
 
     def _run(self, run, inputs, targets, losses, **kwargs):
         args = (inputs,) if self.is_first else ()

@@ -5,9 +5,9 @@ reference is the same `run_layout` in this process with the same global batch. E
 the reference's per-step losses and gradient norms (gradients are clipped every step, so a wrong global norm
 would change every update), its evaluation, and after consolidation its final weights; the bf16 layout its
 losses within bf16 rounding. Some layouts recompute activations (full or selective checkpointing). Checkpoints
-saved at (dp 2, tp 2) resume at (dp 4), (pp 2) and in one process. The interleaved-1f1b layouts train a 4-layer
-model (the "-deep" reference), so each of the 2 pp ranks runs 2 stages of one layer; the (pp 2, dp 2) one's
-sharded checkpoint resumes in one process.
+saved at (dp 2, tp 2) resume at (dp 4), (pp 2) and in one process. The interleaved-1f1b layouts (alone, with
+FSDP2 and with tp) train a 4-layer model (the "-deep" reference), so each of the 2 pp ranks runs 2 stages of one
+layer; the (pp 2, dp 2) one's sharded checkpoint resumes in one process.
 """
 import json
 import os
@@ -38,6 +38,8 @@ FOUR_RANKS = [  # (name, ParallelConfig fields, per-rank batch settings, run to 
      {"batch_size": 1, "grad_accum": 2, "dtype": "bfloat16"}, None),
     ("pp-fsdp-interleaved-deep", {"strategy": "fsdp", "pp": 2, "pp_schedule": "interleaved-1f1b"},
      {"batch_size": 1, "grad_accum": 2}, None),
+    ("pp-tp-interleaved-deep", {"tp": 2, "pp": 2, "pp_schedule": "interleaved-1f1b"},
+     {"batch_size": 2, "grad_accum": 2}, None),
 ]
 TWO_RANKS = [
     ("tp", {"tp": 2, "activation_checkpointing": "selective"}, {}, None),
